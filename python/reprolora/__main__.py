@@ -1,0 +1,3 @@
+from reprolora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The adapter folder: canonical adapter files that PEFT loads, and a manifest that hashes everything.
+
+adapter_model.safetensors: tensor names sorted (safetensors does it), one metadata key.
+adapter_config.json:       PEFT's config as canonical JSON, lists sorted, base model as a stable identifier.
+manifest.json:             sha256 and size of every other file, the inputs, the toolchain, the pins, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from reprolora.canonical import canonical_json, file_entry, sha256_file, write_file
+from reprolora.errors import ReproloraError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "reprolora-manifest/1"
+
+
+def _sorted_lists(value: Any) -> Any:
+    """Sort every list of plain values (PEFT writes sets, such as target_modules, in hash order)."""
+    if isinstance(value, dict):
+        return {key: _sorted_lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [_sorted_lists(item) for item in value]
+        if all(isinstance(item, str) for item in items) or all(isinstance(item, (int, float)) for item in items):
+            return sorted(items)
+        return items
+    return value
+
+
+def write_adapter(peft_model: Any, folder: Path, base_model_name: str) -> None:
+    """The two files `PeftModel.from_pretrained(base, folder)` reads, in canonical bytes."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(peft_model)
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    config = peft_model.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = base_model_name
+    config.pop("revision", None) if config.get("revision") is None else None
+    write_file(folder / ADAPTER_CONFIG, canonical_json(_sorted_lists(json.loads(json.dumps(config, default=_jsonable)))))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if hasattr(value, "value"):  # enums such as TaskType
+        return value.value
+    raise TypeError(f"can't write {type(value).__name__} to adapter_config.json")
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> None:
+    """manifest.json: `body` plus the sha256 and size of every file already in `folder`."""
+    files = {child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != MANIFEST}
+    write_file(folder / MANIFEST, canonical_json({"format": MANIFEST_FORMAT, "files": files, **body}))
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ReproloraError(f"{folder}: adapter folder not found")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReproloraError(f"{path}: no manifest; not a reprolora adapter folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ReproloraError(f"{path}: manifest is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ReproloraError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def verify(folder: Path) -> list[str]:
+    """Every problem with `folder` against its manifest (empty when every hash holds)."""
+    manifest = read_manifest(folder)
+    expected: dict[str, Any] = manifest["files"]
+    present = {child.name for child in folder.iterdir()} - {MANIFEST}
+    problems = []
+    for name in sorted(expected):
+        path = folder / name
+        if name not in present:
+            problems.append(f"{name}: missing")
+        elif not path.is_file():
+            problems.append(f"{name}: not a regular file")
+        else:
+            size = path.stat().st_size
+            if size != expected[name].get("size") or sha256_file(path) != expected[name].get("sha256"):
+                problems.append(f"{name}: differs (sha256 {sha256_file(path)}, expected {expected[name].get('sha256')})")
+    problems += [f"{name}: extra file not in the manifest" for name in sorted(present - set(expected))]
+    return problems

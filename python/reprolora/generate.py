@@ -1,0 +1,65 @@
+"""Greedy decoding, written out so the same loop runs at training (golden probes) and at inference."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reprolora.dataset import prompt_ids
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, the stop token excluded
+    text: str
+    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
+    logits_sha256: str  # sha256 of the float32 logits of every decoding step, in order
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return ids
+
+
+@torch.inference_mode()
+def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> Completion:
+    """Greedy decoding of `prompt` (as one user message) with a key/value cache."""
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    eos = stop_token_ids(tokenizer, model)
+    digest = hashlib.sha256()
+    generated: list[int] = []
+    finish = "length"
+    # transformers 5.x renamed the key/value cache argument from past_key_values to cache.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = None
+    step_input = torch.tensor([ids], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
+        logits = out.logits[0, -1].float()
+        digest.update(logits.numpy().tobytes())
+        token = int(torch.argmax(logits))
+        if token in eos:
+            finish = "stop"
+            break
+        generated.append(token)
+        if stop and any(s in tokenizer.decode(generated, skip_special_tokens=True) for s in stop):
+            finish = "stop"
+            break
+        past = getattr(out, cache_arg)
+        step_input = torch.tensor([[token]], dtype=torch.long)
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    if stop:
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+    return Completion(ids, generated, text, finish, digest.hexdigest())

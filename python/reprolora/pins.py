@@ -1,0 +1,150 @@
+"""Determinism pins: the environment that fixes CPU numerics, applied before torch is imported.
+
+torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Two profiles:
+- native:   this CPU's best instruction set (torch's own choice), fixed threads. Same bytes on the same kind
+            of CPU.
+- portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads. Same bytes across
+            such CPUs.
+A user's own settings never win over the pins: `overridden()` says which were replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from reprolora.errors import ReproloraError
+
+PROFILES = ("native", "portable")
+
+# Set to a fixed value whatever the profile. PYTHONHASHSEED can't be changed inside a running process, so the
+# code never depends on set or dict-of-hash order instead.
+_COMMON = {
+    "OMP_DYNAMIC": "FALSE",
+    "MKL_DYNAMIC": "FALSE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "CUDA_VISIBLE_DEVICES": "",  # CPU only, even on a machine with a GPU
+    "HF_HUB_OFFLINE": "1",  # never reach for a model hub
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Per profile and machine: a value, or None to remove the variable so the library picks the CPU's best.
+_ISA_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+_PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
+    ("native", "x86_64"): {
+        "ATEN_CPU_CAPABILITY": None,
+        "MKL_CBWR": "AUTO",
+        "MKL_ENABLE_INSTRUCTIONS": None,
+        "ONEDNN_MAX_CPU_ISA": "ALL",
+        "OPENBLAS_CORETYPE": None,
+    },
+    ("portable", "x86_64"): {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell",
+    },
+    ("native", "aarch64"): {name: None for name in _ISA_VARS},
+    ("portable", "aarch64"): {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_CBWR": None,
+        "MKL_ENABLE_INSTRUCTIONS": None,
+        "ONEDNN_MAX_CPU_ISA": None,
+        "OPENBLAS_CORETYPE": "ARMV8",
+    },
+}
+
+_applied: dict[str, Any] | None = None
+_overridden: dict[str, str] = {}
+
+
+def machine() -> str:
+    arch = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+def pinned_environment(profile: str, threads: int) -> dict[str, str | None]:
+    """The variables a profile sets (None: removed). Pure: changes nothing."""
+    if profile not in PROFILES:
+        raise ReproloraError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    if threads < 1:
+        raise ReproloraError(f"threads must be at least 1, got {threads}")
+    isa = _PROFILE_ISA.get((profile, machine()))
+    if isa is None:
+        raise ReproloraError(f"no determinism profile for CPU architecture {machine()!r}")
+    env: dict[str, str | None] = dict(_COMMON)
+    env.update({name: str(threads) for name in _THREAD_VARS})
+    env.update(isa)
+    return env
+
+
+def apply(profile: str, threads: int) -> None:
+    """Pin the environment for `profile` with `threads` threads. Must run before torch is imported."""
+    global _applied
+    wanted = {"profile": profile, "threads": threads}
+    if _applied is not None:
+        if _applied != wanted:
+            raise ReproloraError(f"pins already applied as {_applied}; can't change them to {wanted} in one process")
+        return
+    if "torch" in sys.modules:
+        raise ReproloraError("torch was imported before the determinism pins were applied; apply them first")
+    for name, value in pinned_environment(profile, threads).items():
+        previous = os.environ.get(name)
+        if previous is not None and previous != value:
+            _overridden[name] = previous
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _applied = wanted
+    import torch  # the pins above are read here
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def applied() -> dict[str, Any]:
+    if _applied is None:
+        raise ReproloraError("determinism pins were not applied")
+    return dict(_applied)
+
+
+def overridden() -> dict[str, str]:
+    """The user's own values that the pins replaced (or removed), by variable name."""
+    return dict(_overridden)
+
+
+def describe() -> dict[str, Any]:
+    """What fixes the numerics of this process: profile, threads, pinned variables, effective CPU capability and
+    BLAS. Goes into the manifest, so it holds nothing machine-specific beyond what changes the bits."""
+    import torch
+
+    settings = applied()
+    env = pinned_environment(settings["profile"], settings["threads"])
+    return {
+        "profile": settings["profile"],
+        "threads": settings["threads"],
+        "machine": machine(),
+        "environment": {name: env[name] for name in sorted(env)},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": blas(),
+    }
+
+
+def blas() -> str:
+    import torch
+
+    config = torch.__config__.show()
+    for line in config.splitlines():
+        line = line.strip()
+        if line.startswith("BLAS_INFO="):
+            return line.split("=", 1)[1].strip(", ")
+    for candidate in ("mkl", "openblas", "accelerate", "blis"):
+        if candidate in config.lower():
+            return candidate
+    return "unknown"

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.make_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.write_dataset(tmp_path_factory.mktemp("data") / "tiny.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(tiny.CONFIG)
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m reprolora ARGS` in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "reprolora", *args], env=full_env, cwd=cwd,
+                            capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"reprolora {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def train_tiny(tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path):
+    """Train the tiny job into `out` in a fresh process; extra arguments and environment as given."""
+
+    def train(out: Path, *extra: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return run_cli("train", "-q", "-c", str(tiny_config), "--base-model", str(tiny_base_model),
+                       "--dataset", str(tiny_dataset), "-o", str(out), *extra, env=env, cwd=cwd)
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(train_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny adapter, trained once per session. Tests must not modify it: copy it first."""
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    train_tiny(out)
+    return out
