@@ -1,0 +1,81 @@
+{
+  description = "reprolora: LoRA fine-tuning on CPU whose adapter is bit-identical wherever it is rebuilt";
+
+  # The whole toolchain (Python, torch, transformers, peft, ...) comes from this one pin: see flake.lock.
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # One file per package under pkgs/, wired like nixpkgs' callPackage: each argument a file names comes
+      # from this set or from nixpkgs, and every result has `.override`, e.g.
+      #   adapter.override { dataset = ./my.jsonl; trainConfig = ./my.toml; baseModel = ./my-hf-folder; }
+      reproloraPackages =
+        pkgs:
+        let
+          callPackage = pkgs.lib.callPackageWith (pkgs // ours);
+          ours = {
+            reprolora = callPackage ./pkgs/reprolora.nix { };
+            baseModel = callPackage ./pkgs/base-model.nix { };
+            dataset = callPackage ./pkgs/dataset.nix { };
+            adapter = callPackage ./pkgs/adapter.nix { };
+            infer = callPackage ./pkgs/infer.nix { };
+            image = callPackage ./pkgs/image.nix { revision = self.rev or "dirty"; };
+            checks = callPackage ./pkgs/checks.nix { src = self; };
+          };
+        in
+        ours;
+    in
+    {
+      packages = forAllSystems (
+        pkgs:
+        let
+          ours = reproloraPackages pkgs;
+        in
+        {
+          inherit (ours)
+            reprolora
+            dataset
+            adapter
+            infer
+            image
+            ;
+          base-model = ours.baseModel;
+          default = ours.adapter;
+        }
+      );
+
+      apps = forAllSystems (
+        pkgs:
+        let
+          infer = {
+            type = "app";
+            program = "${(reproloraPackages pkgs).infer}/bin/reprolora-infer";
+            meta.description = "Answer a prompt with the base model and the adapter baked in";
+          };
+        in
+        {
+          inherit infer;
+          default = infer;
+        }
+      );
+
+      checks = forAllSystems (pkgs: (reproloraPackages pkgs).checks);
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          # The library's own build and runtime inputs, plus pytest: the same toolchain as the builds.
+          inputsFrom = [ (reproloraPackages pkgs).reprolora ];
+          packages = [ pkgs.python3Packages.pytest ];
+        };
+      });
+
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
+    };
+}

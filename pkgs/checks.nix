@@ -1,0 +1,56 @@
+# `nix flake check`: the test suite against the Nix-built library, the adapter built twice and compared, and
+# the infer wrapper run once. Each check is a sandboxed build like any other.
+{
+  runCommand,
+  python3Packages,
+  reprolora,
+  adapter,
+  infer,
+  src,
+}:
+
+{
+  # The fast tests (the default selection). tests/ is run from a copy that has no python/ folder, so what
+  # they import is the library as Nix built it, not its sources.
+  pytest =
+    runCommand "reprolora-pytest"
+      {
+        nativeBuildInputs = [
+          (python3Packages.python.withPackages (_: [
+            reprolora
+            python3Packages.pytest
+          ]))
+        ];
+      }
+      ''
+        cp -r ${src} source
+        chmod -R u+w source
+        rm -r source/python
+        cd source
+        export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
+        export PYTHONDONTWRITEBYTECODE=1
+        python -c 'import reprolora; assert reprolora.__file__.startswith("${reprolora}/"), reprolora.__file__'
+        python -m pytest -p no:cacheprovider tests
+        touch $out
+      '';
+
+  # A second, independent derivation (another name, so another store path) trains the same adapter again;
+  # every file must be byte for byte the same as the first build's.
+  adapter-reproducible =
+    let
+      secondBuild = adapter.overrideAttrs { name = "reprolora-adapter-second-build"; };
+    in
+    runCommand "reprolora-adapter-reproducible" { } ''
+      diff -r ${adapter} ${secondBuild}
+      (cd ${adapter} && sha256sum *) > $out
+      cat $out
+    '';
+
+  # The infer app answers once and replays the golden probes of the manifest.
+  infer-runs = runCommand "reprolora-infer-runs" { nativeBuildInputs = [ infer ]; } ''
+    export HOME="$TMPDIR"
+    reprolora-infer "Why pin a toolchain?" > $out
+    reprolora-infer --check >> $out
+    cat $out
+  '';
+}

@@ -1,0 +1,8 @@
+# The built-in training set (the library's package data) as a store path of its own, so that the adapter's
+# inputs are all visible, and replaceable: adapter.override { dataset = ./my.jsonl; }. Its name is the
+# library's own name for it, which the manifest records.
+{ runCommand }:
+
+runCommand "default.jsonl" { } ''
+  cp ${../python/reprolora/data/default.jsonl} $out
+''

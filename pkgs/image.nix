@@ -1,0 +1,57 @@
+# `nix build .#image`: an OCI image whose entrypoint is the infer wrapper.
+#   docker load < result && docker run --rm reprolora-infer:<version> "prompt"
+# buildLayeredImage writes a fixed `created` date and fixed file times, so the archive is bit-reproducible.
+# Its contents are the wrapper's closure (Python, the libraries, the base model, the adapter) and an empty
+# /tmp: no package manager, no coreutils; the only shell is the bash the wrappers need.
+{
+  lib,
+  stdenv,
+  dockerTools,
+  reprolora,
+  adapter,
+  infer,
+  revision,
+  # The repository's URL, for the org.opencontainers.image.source label; null leaves that label out.
+  sourceUrl ? null,
+  # The sha256 of the adapter's adapter_model.safetensors, for a label. Reading it from the built adapter
+  # would need import-from-derivation, so it is taken from the hashes committed in expected/ (what CI checks
+  # the adapter against); the image build fails if the adapter it ships has other bytes. null (no file for
+  # this system yet) leaves the label out; the adapter's store path is labelled either way.
+  adapterSha256 ?
+    let
+      expected = ../expected + "/adapter-${stdenv.hostPlatform.system}.sha256";
+      lines = lib.splitString "\n" (builtins.readFile expected);
+      weights = lib.findFirst (lib.hasSuffix "  adapter_model.safetensors") null lines;
+    in
+    if builtins.pathExists expected && weights != null then builtins.substring 0 64 weights else null,
+}:
+
+dockerTools.buildLayeredImage {
+  name = "reprolora-infer";
+  tag = reprolora.version;
+  created = "1970-01-01T00:00:01Z";
+
+  extraCommands = ''
+    mkdir -m 1777 tmp
+  ''
+  + lib.optionalString (adapterSha256 != null) ''
+    # The label promises these bytes: fail rather than ship an image whose label lies.
+    echo "${adapterSha256}  ${adapter}/adapter_model.safetensors" | sha256sum --check
+  '';
+
+  config = {
+    Entrypoint = [ "${infer}/bin/reprolora-infer" ];
+    User = "65534:65534"; # nobody: the image needs no root
+    WorkingDir = "/tmp";
+    Env = [ "HOME=/tmp" ];
+    Labels = {
+      "org.opencontainers.image.title" = "reprolora-infer";
+      "org.opencontainers.image.description" = "Greedy inference with a reprolora LoRA adapter";
+      "org.opencontainers.image.version" = reprolora.version;
+      "org.opencontainers.image.revision" = revision;
+      "org.reprolora.adapter.store-path" = "${adapter}";
+    }
+    // lib.optionalAttrs (sourceUrl != null) { "org.opencontainers.image.source" = sourceUrl; }
+    // lib.optionalAttrs (adapterSha256 != null) { "org.reprolora.adapter.sha256" = adapterSha256; };
+  };
+}

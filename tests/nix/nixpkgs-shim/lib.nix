@@ -1,0 +1,23 @@
+# The nixpkgs lib functions that the flake and the shim use, written out plainly.
+rec {
+  genAttrs =
+    names: f:
+    builtins.listToAttrs (
+      map (name: {
+        inherit name;
+        value = f name;
+      }) names
+    );
+
+  # Call a package function with the arguments it names taken from autoArgs, the way nixpkgs does;
+  # `.override` calls it again with some of them replaced.
+  callPackageWith =
+    autoArgs: fn: args:
+    let
+      f = if builtins.isFunction fn then fn else import fn;
+      result = f (builtins.intersectAttrs (builtins.functionArgs f) autoArgs // args);
+    in
+    result // { override = newArgs: callPackageWith autoArgs fn (args // newArgs); };
+
+  makeBinPath = paths: builtins.concatStringsSep ":" (map (path: "${path}/bin") paths);
+}

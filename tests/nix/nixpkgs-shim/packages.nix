@@ -1,0 +1,130 @@
+# The package set: runCommand, fetchurl and a python3Packages whose packages are this machine's Python and
+# its installed modules. Host paths reach the sandbox through nix.conf's sandbox-paths: /bin/sh and
+# /bin/busybox (busybox-static), the Python prefixes and the system libraries.
+{ lib, host }:
+
+let
+  inherit (host) system;
+  busybox = "/bin/busybox";
+  shell = "/bin/sh";
+
+  # coreutils and friends, as busybox applets.
+  busyboxApplets = derivation {
+    name = "busybox-applets";
+    inherit system;
+    builder = busybox;
+    args = [
+      "sh"
+      "-c"
+      ''
+        ${busybox} mkdir -p $out/bin
+        for applet in $(${busybox} --list); do ${busybox} ln -s ${busybox} $out/bin/$applet; done
+      ''
+    ];
+  };
+
+  # Like nixpkgs' runCommand: the command runs in the sandbox with its inputs' bin/ on PATH.
+  runCommand =
+    name: env: buildCommand:
+    let
+      drv = derivation (
+        builtins.removeAttrs env [
+          "nativeBuildInputs"
+          "passthru"
+        ]
+        // {
+          inherit name system buildCommand;
+          builder = shell;
+          args = [
+            "-c"
+            ''set -e; eval "$buildCommand"''
+          ];
+          PATH = lib.makeBinPath ([ busyboxApplets ] ++ (env.nativeBuildInputs or [ ]));
+        }
+      );
+    in
+    drv // (env.passthru or { });
+
+  python = {
+    interpreter = host.python;
+    inherit (host) sitePackages;
+  };
+
+  # A module installed in the host Python. Packages that depend on it check that it imports.
+  hostModule = module: { inherit module; };
+
+  # Like nixpkgs' buildPythonPackage: builds and installs the package from its source, offline, into $out,
+  # wraps its scripts so they find it, and checks that pythonImportsCheck's modules import from $out.
+  buildPythonPackage =
+    {
+      pname,
+      version,
+      src,
+      build-system ? [ ],
+      dependencies ? [ ],
+      pythonImportsCheck ? [ ],
+      meta ? { },
+      ...
+    }:
+    runCommand "python-${pname}-${version}"
+      {
+        # The host toolchain is not in the store: its fingerprint stands for it, so that another toolchain
+        # gives another derivation.
+        hostToolchain = host.fingerprint;
+        passthru = { inherit pname version meta; };
+      }
+      ''
+        export HOME=$TMPDIR PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+        ${python.interpreter} -c 'import ${
+          builtins.concatStringsSep ", " (map (dep: dep.module) (build-system ++ dependencies))
+        }'
+        cp -r ${src} source
+        chmod -R u+w source
+        ${python.interpreter} -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
+          --no-compile --prefix $out ./source
+        site=$out/${python.sitePackages}
+        for script in $out/bin/*; do
+          wrapped=$out/bin/.$(basename $script)-wrapped
+          mv $script $wrapped
+          cat > $script <<WRAPPER
+        #!/bin/sh
+        export PYTHONPATH="$site\''${PYTHONPATH:+:\$PYTHONPATH}"
+        exec ${python.interpreter} $wrapped "\$@"
+        WRAPPER
+          chmod +x $script
+        done
+        for module in ${toString pythonImportsCheck}; do
+          PYTHONPATH=$site ${python.interpreter} -c "import os, $module
+        assert $module.__file__.startswith(os.environ['out'] + '/'), $module.__file__"
+        done
+      '';
+in
+{
+  inherit lib runCommand;
+  runtimeShell = shell;
+
+  # Only local copies of known files: the sandbox has no network, and neither has this machine for nixpkgs.
+  fetchurl =
+    { url, hash }:
+    if host.files ? ${hash} then
+      builtins.path {
+        path = host.files.${hash};
+        name = baseNameOf url;
+        sha256 = hash;
+        recursive = false;
+      }
+    else
+      throw "nixpkgs-shim: no local copy of ${url} (${hash}) in host.nix";
+
+  python3Packages = {
+    inherit python buildPythonPackage;
+    setuptools = hostModule "setuptools";
+    gguf = hostModule "gguf";
+    numpy = hostModule "numpy";
+    peft = hostModule "peft";
+    safetensors = hostModule "safetensors";
+    torch = hostModule "torch";
+    tqdm = hostModule "tqdm";
+    transformers = hostModule "transformers";
+  };
+}

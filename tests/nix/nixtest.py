@@ -1,0 +1,182 @@
+"""Helpers for tests/test_nix_*.py: run the flake's build step and Debian's Nix 2.8 on this machine.
+
+Real nixpkgs can't be fetched here, so the Nix builds use tests/nix/nixpkgs-shim in its place: the same
+flake and build step, with this machine's Python (the one running the tests) as the toolchain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_STEP = REPO / "pkgs" / "build-step.sh"
+SHIM = Path(__file__).resolve().parent / "nixpkgs-shim"
+
+# The files an adapter folder holds, as the library's contract states.
+ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
+
+# A tiny job: few steps, short probes, the portable profile that the Nix build uses.
+TINY_JOB_TOML = """\
+profile = "portable"
+threads = 2
+
+[dataset]
+max_seq_len = 160
+
+[train]
+max_steps = 3
+batch_size = 2
+
+[probes]
+prompts = ["Why pin a toolchain?"]
+max_new_tokens = 4
+"""
+
+TINY_EXAMPLES = [
+    {"instruction": "Why pin a toolchain?", "output": "So that a rebuild gives the same bytes."},
+    {"instruction": "What does a manifest hold?", "output": "The sha256 of every file and of every input."},
+    {"instruction": "Which threads count?", "output": "The pinned count, never the machine's cores."},
+    {"instruction": "Is the network needed?", "output": "No: every input is a local file."},
+    {"instruction": "What is LoRA?", "output": "A low-rank update trained beside frozen weights."},
+    {"instruction": "Where do caches go?", "output": "Into the build's own temporary folder."},
+    {"instruction": "What does verify do?", "output": "It recomputes every hash in the manifest."},
+    {"instruction": "What breaks bit-identity?", "output": "Another CPU code path or another library."},
+]
+
+
+def make_tiny_job(folder: Path) -> tuple[Path, Path, Path]:
+    """A random tiny Llama with a byte-level tokenizer, a JSONL dataset and a TOML job, in `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model_dir = folder / "model"
+    specials = ["<s>", "</s>", "<pad>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(model_dir)
+
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+
+    dataset = folder / "tiny.jsonl"
+    dataset.write_text("".join(json.dumps(example, sort_keys=True) + "\n" for example in TINY_EXAMPLES))
+    job = folder / "job.toml"
+    job.write_text(TINY_JOB_TOML)
+    return model_dir, dataset, job
+
+
+def venv_bin() -> Path:
+    """The folder of the Python running the tests: its `reprolora` script is the one the builds run."""
+    return Path(sys.executable).parent
+
+
+def train_normally(model: Path, dataset: Path, job: Path, out: Path) -> None:
+    """The pip route: `reprolora train` in this process's own environment."""
+    subprocess.run(
+        [str(venv_bin() / "reprolora"), "train", "--quiet", "-c", str(job), "--base-model", str(model),
+         "--dataset", str(dataset), "-o", str(out)],
+        check=True, cwd=out.parent,
+    )
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def sha256_lines(folder: Path) -> str:
+    """`sha256sum`'s format, file names sorted: the format of expected/adapter-<system>.sha256."""
+    return "".join(
+        f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n" for path in sorted(folder.iterdir())
+    )
+
+
+def tracked_files(*patterns: str) -> list[Path]:
+    names = subprocess.run(["git", "ls-files", "-z", "--", *patterns], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    return [REPO / name for name in names if name]
+
+
+# ---- Nix 2.8 (Debian's nix-bin), sandboxed, offline ----
+
+def host_paths() -> list[str]:
+    """What the sandbox must see of this machine for its Python to run: the interpreter's prefixes."""
+    paths = {sys.prefix, sys.base_prefix, str(Path(os.path.realpath(sys.executable)).parents[1])}
+    return sorted(paths)
+
+
+def nix_env(folder: Path) -> dict[str, str]:
+    """The environment for `nix` commands: a nix.conf of our own (sandbox on, no substituters, no registry)."""
+    conf_dir = folder / "nix-conf"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    registry = conf_dir / "registry.json"
+    registry.write_text('{"flakes": [], "version": 2}\n')
+    sandbox_paths = ["/bin/sh=/bin/busybox", "/bin/busybox", "/lib", "/lib64", "/usr/lib", *host_paths()]
+    (conf_dir / "nix.conf").write_text(
+        "experimental-features = nix-command flakes\n"
+        "sandbox = true\n"
+        "sandbox-fallback = false\n"
+        f"sandbox-paths = {' '.join(p for p in sandbox_paths if os.path.exists(p.split('=')[-1]))}\n"
+        "substituters =\n"
+        f"flake-registry = {registry}\n"
+    )
+    env = dict(os.environ)
+    env["NIX_CONF_DIR"] = str(conf_dir)
+    return env
+
+
+def toolchain_fingerprint() -> str:
+    """Names the host toolchain in the shim's derivations: the Python and every installed distribution."""
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], check=True, capture_output=True,
+                            text=True).stdout
+    return hashlib.sha256((sys.version + "\n" + freeze).encode()).hexdigest()
+
+
+def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
+    """A copy of the nixpkgs shim with host.nix written for this machine. `files` maps an SRI hash to a local
+    file that the shim's fetchurl returns for that hash (copied into the shim: a flake reads only its own
+    files)."""
+    shutil.copytree(SHIM, folder)
+    entries = []
+    for sri, path in (files or {}).items():
+        shutil.copyfile(path, folder / path.name)
+        entries.append(f'    "{sri}" = ./{path.name};')
+    (folder / "host.nix").write_text(
+        "{\n"
+        f'  system = "{platform.machine()}-linux";\n'
+        f'  python = "{sys.executable}";\n'
+        f'  sitePackages = "{sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/")}";\n'
+        f'  fingerprint = "{toolchain_fingerprint()}";\n'
+        "  files = {\n" + "\n".join(entries) + "\n  };\n"
+        "}\n"
+    )
+    return folder
+
+
+def nix(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["nix", *args], env=env, cwd=cwd, capture_output=True, text=True)
