@@ -20,6 +20,9 @@
         pkgs:
         let
           callPackage = pkgs.lib.callPackageWith (pkgs // ours);
+          # For a file that returns a set of packages: the set itself gets no `.override`, which
+          # `nix flake check` would take for a check.
+          callPackages = pkgs.lib.callPackagesWith (pkgs // ours);
           ours = {
             reprolora = callPackage ./pkgs/reprolora.nix { };
             baseModel = callPackage ./pkgs/base-model.nix { };
@@ -27,7 +30,7 @@
             adapter = callPackage ./pkgs/adapter.nix { };
             infer = callPackage ./pkgs/infer.nix { };
             image = callPackage ./pkgs/image.nix { revision = self.rev or "dirty"; };
-            checks = callPackage ./pkgs/checks.nix { src = self; };
+            checks = callPackages ./pkgs/checks.nix { src = self; };
           };
         in
         ours;

@@ -96,7 +96,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is list:
-        return f"a list of {_type_name(get_args(tp)[0])}s"
+        return {str: "a list of strings", int: "a list of integers"}.get(get_args(tp)[0], "a list")
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 

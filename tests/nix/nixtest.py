@@ -7,7 +7,6 @@ flake and build step, with this machine's Python (the one running the tests) as 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -23,86 +22,9 @@ SHIM = Path(__file__).resolve().parent / "nixpkgs-shim"
 # The files an adapter folder holds, as the library's contract states.
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
 
-# A tiny job: few steps, short probes, the portable profile that the Nix build uses.
-TINY_JOB_TOML = """\
-profile = "portable"
-threads = 2
-
-[dataset]
-max_seq_len = 160
-
-[train]
-max_steps = 3
-batch_size = 2
-
-[probes]
-prompts = ["Why pin a toolchain?"]
-max_new_tokens = 4
-"""
-
-TINY_EXAMPLES = [
-    {"instruction": "Why pin a toolchain?", "output": "So that a rebuild gives the same bytes."},
-    {"instruction": "What does a manifest hold?", "output": "The sha256 of every file and of every input."},
-    {"instruction": "Which threads count?", "output": "The pinned count, never the machine's cores."},
-    {"instruction": "Is the network needed?", "output": "No: every input is a local file."},
-    {"instruction": "What is LoRA?", "output": "A low-rank update trained beside frozen weights."},
-    {"instruction": "Where do caches go?", "output": "Into the build's own temporary folder."},
-    {"instruction": "What does verify do?", "output": "It recomputes every hash in the manifest."},
-    {"instruction": "What breaks bit-identity?", "output": "Another CPU code path or another library."},
-]
-
-
-def make_tiny_job(folder: Path) -> tuple[Path, Path, Path]:
-    """A random tiny Llama with a byte-level tokenizer, a JSONL dataset and a TOML job, in `folder`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model_dir = folder / "model"
-    specials = ["<s>", "</s>", "<pad>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: i for i, token in enumerate(specials + alphabet)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(model_dir)
-
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-
-    dataset = folder / "tiny.jsonl"
-    dataset.write_text("".join(json.dumps(example, sort_keys=True) + "\n" for example in TINY_EXAMPLES))
-    job = folder / "job.toml"
-    job.write_text(TINY_JOB_TOML)
-    return model_dir, dataset, job
-
-
 def venv_bin() -> Path:
     """The folder of the Python running the tests: its `reprolora` script is the one the builds run."""
     return Path(sys.executable).parent
-
-
-def train_normally(model: Path, dataset: Path, job: Path, out: Path) -> None:
-    """The pip route: `reprolora train` in this process's own environment."""
-    subprocess.run(
-        [str(venv_bin() / "reprolora"), "train", "--quiet", "-c", str(job), "--base-model", str(model),
-         "--dataset", str(dataset), "-o", str(out)],
-        check=True, cwd=out.parent,
-    )
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -157,6 +79,10 @@ def toolchain_fingerprint() -> str:
     return hashlib.sha256((sys.version + "\n" + freeze).encode()).hexdigest()
 
 
+def nix_system() -> str:
+    return f"{platform.machine()}-linux"
+
+
 def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
     """A copy of the nixpkgs shim with host.nix written for this machine. `files` maps an SRI hash to a local
     file that the shim's fetchurl returns for that hash (copied into the shim: a flake reads only its own
@@ -168,7 +94,7 @@ def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
         entries.append(f'    "{sri}" = ./{path.name};')
     (folder / "host.nix").write_text(
         "{\n"
-        f'  system = "{platform.machine()}-linux";\n'
+        f'  system = "{nix_system()}";\n'
         f'  python = "{sys.executable}";\n'
         f'  sitePackages = "{sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/")}";\n'
         f'  fingerprint = "{toolchain_fingerprint()}";\n'

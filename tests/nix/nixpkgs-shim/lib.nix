@@ -19,5 +19,13 @@ rec {
     in
     result // { override = newArgs: callPackageWith autoArgs fn (args // newArgs); };
 
+  # The same for a function that returns a set of packages (without the per-package `.override`).
+  callPackagesWith =
+    autoArgs: fn: args:
+    let
+      f = if builtins.isFunction fn then fn else import fn;
+    in
+    f (builtins.intersectAttrs (builtins.functionArgs f) autoArgs // args);
+
   makeBinPath = paths: builtins.concatStringsSep ":" (map (path: "${path}/bin") paths);
 }

@@ -81,7 +81,7 @@ let
         cp -r ${src} source
         chmod -R u+w source
         ${python.interpreter} -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
-          --no-compile --prefix $out ./source
+          --no-compile --ignore-installed --prefix $out ./source
         site=$out/${python.sitePackages}
         for script in $out/bin/*; do
           wrapped=$out/bin/.$(basename $script)-wrapped

@@ -1,0 +1,93 @@
+"""`nix build .#adapter` for real, with Debian's Nix 2.8 in its sandbox, then `nix build --rebuild`.
+
+Real nixpkgs can't be fetched here, so `--override-input nixpkgs` points at tests/nix/nixpkgs-shim, which
+supplies this machine's Python as the toolchain. The flake, pkgs/*.nix, the build step and the sandbox are
+the real ones. The fast test trains the tiny model through the flake's one-line override; the slow one
+builds the default job: the base model from the PyPI wheel, then the adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "nix"))
+import nixtest  # noqa: E402
+
+pytestmark = [
+    pytest.mark.nix,
+    pytest.mark.skipif(shutil.which("nix") is None, reason="needs Nix: apt-get install nix-bin busybox-static"),
+]
+
+WHEEL_SRI = "sha256-vMgYMNEM59nnZkDK2Cakt57T5FR8eKC+XE8vsOJEjHA="
+
+# A flake that builds the repository's adapter on the tiny job: the override that pkgs/adapter.nix documents.
+JOB_FLAKE = """\
+{{
+  inputs.nixpkgs.url = "path:{shim}";
+  inputs.reprolora.url = "git+file://{repo}";
+  inputs.reprolora.inputs.nixpkgs.follows = "nixpkgs";
+
+  outputs = {{ reprolora, ... }}: {{
+    packages.{system}.adapter = reprolora.packages.{system}.adapter.override {{
+      baseModel = ./model;
+      dataset = ./{dataset};
+      trainConfig = ./{config};
+    }};
+  }};
+}}
+"""
+
+
+def build_twice(installable: str, out_link: Path, env: dict[str, str], *extra: str) -> None:
+    """`nix build`, then `nix build --rebuild`: Nix builds again and fails if any output byte differs."""
+    for rebuild in ([], ["--rebuild"]):
+        result = nixtest.nix(["build", "-L", installable, "--out-link", str(out_link), *extra, *rebuild], env)
+        assert result.returncode == 0, f"nix build {' '.join(rebuild)} failed:\n{result.stderr[-6000:]}"
+
+
+def test_nix_builds_the_tiny_job_in_its_sandbox_twice_with_the_bytes_of_a_normal_run(
+    tiny_base_model, tiny_dataset, tiny_config, tiny_adapter, tmp_path
+):
+    env = nixtest.nix_env(tmp_path)
+    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
+    job = tmp_path / "job"
+    shutil.copytree(tiny_base_model, job / "model")
+    shutil.copyfile(tiny_dataset, job / tiny_dataset.name)
+    shutil.copyfile(tiny_config, job / tiny_config.name)
+    (job / "flake.nix").write_text(JOB_FLAKE.format(
+        shim=shim, repo=nixtest.REPO, system=nixtest.nix_system(), dataset=tiny_dataset.name, config=tiny_config.name,
+    ))
+
+    build_twice(f"path:{job}#adapter", tmp_path / "result", env)
+
+    result = tmp_path / "result"
+    assert {p.name for p in result.iterdir()} == nixtest.ADAPTER_FILES
+    assert nixtest.folder_bytes(result) == nixtest.folder_bytes(tiny_adapter), (
+        f"Nix built other bytes than a normal run:\nnix:\n{nixtest.sha256_lines(result)}"
+        f"normal:\n{nixtest.sha256_lines(tiny_adapter)}"
+    )
+
+
+@pytest.mark.slow
+def test_nix_builds_the_default_adapter_from_the_pypi_wheel_twice(tmp_path):
+    from reprolora import base_model
+
+    env = nixtest.nix_env(tmp_path)
+    # The shim's fetchurl hands out this local copy of the wheel, checked against the flake's hash.
+    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim", {WHEEL_SRI: base_model.default_wheel()})
+    override = ["--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"]
+    flake = f"git+file://{nixtest.REPO}"
+
+    build_twice(f"{flake}#adapter", tmp_path / "adapter", env, *override)
+
+    model = nixtest.nix(["build", f"{flake}#base-model", "--out-link", str(tmp_path / "base-model"), *override], env)
+    assert model.returncode == 0, model.stderr[-3000:]
+    assert base_model.folder_hashes(tmp_path / "base-model") == base_model.CONVERTED_SHA256
+    verify = subprocess.run([str(nixtest.venv_bin() / "reprolora"), "verify", str(tmp_path / "adapter")],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
