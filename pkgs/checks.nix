@@ -10,8 +10,9 @@
 }:
 
 {
-  # The fast tests (the default selection). tests/ is run from a copy that has no python/ folder, so what
-  # they import is the library as Nix built it, not its sources.
+  # The fast tests. Not the slow ones (they fetch the real model) nor the `nix` ones (they drive Nix, git and
+  # namespaces from outside, as CI does). tests/ runs from a copy that has no python/ folder, so what they
+  # import is the library as Nix built it, not its sources.
   pytest =
     runCommand "reprolora-pytest"
       {
@@ -30,7 +31,7 @@
         export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
         export PYTHONDONTWRITEBYTECODE=1
         python -c 'import reprolora; assert reprolora.__file__.startswith("${reprolora}/"), reprolora.__file__'
-        python -m pytest -p no:cacheprovider tests
+        python -m pytest -p no:cacheprovider -m "not slow and not nix" tests
         touch $out
       '';
 

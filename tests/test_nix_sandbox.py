@@ -2,7 +2,7 @@
 
 pkgs/adapter.nix runs `sh pkgs/build-step.sh adapter`; this runs that same file with an empty environment
 plus what Nix sets (`env -i`), HOME=/homeless-shelter, NIX_BUILD_CORES=7, no network (`unshare -n`) and a
-fresh TMPDIR, on a tiny model. No Nix is needed: it checks the build step, not Nix.
+fresh TMPDIR, on the tiny model of tests/tiny.py. No Nix is needed: it checks the build step, not Nix.
 """
 
 from __future__ import annotations
@@ -22,19 +22,6 @@ pytestmark = pytest.mark.nix
 
 # A store path's look: 32 characters of hash, a dash, the name. The build step must strip the hash.
 FAKE_STORE_HASH = "0" * 32
-
-
-@pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory):
-    return nixtest.make_tiny_job(tmp_path_factory.mktemp("tiny-job"))
-
-
-@pytest.fixture(scope="module")
-def normal_run(tiny_job, tmp_path_factory) -> Path:
-    model, dataset, job = tiny_job
-    out = tmp_path_factory.mktemp("normal") / "adapter"
-    nixtest.train_normally(model, dataset, job, out)
-    return out
 
 
 def no_network_prefix() -> list[str]:
@@ -72,24 +59,27 @@ def run_like_nix(folder: Path, step: str, inputs: dict[str, str]) -> tuple[Path,
     return out, subprocess.run(command, cwd=build_top, capture_output=True, text=True)
 
 
-def test_adapter_build_step_in_a_nix_like_sandbox_matches_a_normal_run(tiny_job, normal_run, tmp_path):
-    model, dataset, job = tiny_job
+def test_adapter_build_step_in_a_nix_like_sandbox_matches_a_normal_run(
+    tiny_base_model, tiny_dataset, tiny_config, tiny_adapter, tmp_path
+):
     (tmp_path / "store").mkdir()
     # Inputs reach a build as store paths: "<hash>-<name>".
-    store_dataset = tmp_path / "store" / f"{FAKE_STORE_HASH}-{dataset.name}"
-    shutil.copyfile(dataset, store_dataset)
+    store_dataset = tmp_path / "store" / f"{FAKE_STORE_HASH}-{tiny_dataset.name}"
+    shutil.copyfile(tiny_dataset, store_dataset)
     assert not os.path.exists("/homeless-shelter")
 
     out, result = run_like_nix(
-        tmp_path, "adapter", {"baseModel": str(model), "dataset": str(store_dataset), "trainConfig": str(job)}
+        tmp_path,
+        "adapter",
+        {"baseModel": str(tiny_base_model), "dataset": str(store_dataset), "trainConfig": str(tiny_config)},
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert not os.path.exists("/homeless-shelter"), "the build step wrote to HOME"
     assert {p.name for p in out.iterdir()} == nixtest.ADAPTER_FILES
-    assert nixtest.folder_bytes(out) == nixtest.folder_bytes(normal_run), (
+    assert nixtest.folder_bytes(out) == nixtest.folder_bytes(tiny_adapter), (
         "the sandboxed build step gave other bytes than a normal run:\n"
-        f"sandbox:\n{nixtest.sha256_lines(out)}normal:\n{nixtest.sha256_lines(normal_run)}"
+        f"sandbox:\n{nixtest.sha256_lines(out)}normal:\n{nixtest.sha256_lines(tiny_adapter)}"
     )
 
 
