@@ -76,6 +76,120 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt from the argument, --file, or stdin when neither is given (None: --check alone, no prompt)."""
+    if args.prompt is not None and args.file:
+        raise ReproloraError("give the prompt as an argument or with --file, not both")
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ReproloraError(f"{args.file}: prompt file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ReproloraError(f"{args.file}: can't read prompt file: {e}") from None
+        text = text.rstrip("\r\n")  # the newline an editor or `echo` adds is not part of the prompt
+    elif args.check:
+        return None
+    else:
+        if sys.stdin.isatty():
+            print("reprolora: reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
+        text = sys.stdin.read().rstrip("\r\n")
+    if not text.strip():
+        raise ReproloraError("the prompt is empty")
+    return text
+
+
+def _check_probes(model) -> tuple[bool, list[dict]]:
+    from reprolora import infer
+
+    results = infer.check_probes(model)
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        print(f"reprolora: {'ok' if r.ok else 'FAILED'}: {r.message}", file=sys.stderr)
+    if failed:
+        for note in infer.environment_differences(model):
+            print(f"reprolora: note: {note}", file=sys.stderr)
+        print(f"reprolora: check failed: {len(failed)} of {len(results)} golden probes differ from the training run",
+              file=sys.stderr)
+    else:
+        print(f"reprolora: check passed: {len(results)} golden probes replayed bit for bit (manifest sha256 "
+              f"{model.manifest_sha256})", file=sys.stderr)
+    return not failed, [{"prompt": r.prompt, "ok": r.ok, "message": r.message} for r in results]
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import time
+
+    from reprolora import infer
+
+    prompt = _read_prompt(args)  # before loading: a bad prompt source fails fast
+    if args.max_new_tokens < 1:
+        raise ReproloraError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model = infer.load(Path(args.adapter), Path(args.base_model) if args.base_model else None)
+    _report_overrides()
+    report: dict = {"model": model.id, "manifest_sha256": model.manifest_sha256}
+    if args.check:
+        passed, probes = _check_probes(model)
+        report["check"] = {"passed": passed, "probes": probes}
+        if not passed or prompt is None:
+            if args.json:
+                print(json.dumps(report, indent=2, ensure_ascii=False))
+            return 0 if passed else 1
+    tick = time.perf_counter()
+    completion = infer.complete(model, prompt, args.max_new_tokens)
+    seconds = time.perf_counter() - tick
+    if not args.json:
+        print(completion.text)
+        return 0
+    report.update({
+        "prompt": prompt,
+        "text": completion.text,
+        "token_ids": completion.token_ids,
+        "token_ids_sha256": infer.token_ids_sha256(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        "logits_sha256": completion.logits_sha256,
+        "prompt_tokens": len(completion.prompt_ids),
+        "completion_tokens": len(completion.token_ids),
+        "timings": {"load_s": round(model.load_seconds, 3), "generate_s": round(seconds, 3),
+                    "tokens_per_s": round(len(completion.token_ids) / seconds, 2) if seconds > 0 else None},
+    })
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from reprolora import infer, serve
+
+    limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens=args.max_tokens)
+    for name, value in vars(limits).items():
+        if value < 1:
+            raise ReproloraError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    model = infer.load(Path(args.adapter), Path(args.base_model) if args.base_model else None)
+    _report_overrides()
+    if args.check and not _check_probes(model)[0]:
+        return 1
+    return serve.run(model, args.host, args.port, limits)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets a positional come after options, as in `infer ADAPTER --json PROMPT`: plain argparse takes ADAPTER and
+    the (empty) optional PROMPT together, then rejects the prompt it meets later."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inside:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="reprolora", description="Bit-reproducible LoRA fine-tuning on CPU.")
     root.add_argument("--version", action="version", version=f"reprolora {__version__}")
@@ -110,6 +224,34 @@ def parser() -> argparse.ArgumentParser:
                                       description="Apply a config's determinism pins and print what fixes the numerics of this machine.")
     job_options(fingerprint)
     fingerprint.set_defaults(run=cmd_fingerprint)
+
+    infer = commands.add_parser("infer", help="answer a prompt greedily with an adapter, or replay its golden probes",
+                                description="Check every hash of ADAPTER's manifest and of its base model, apply the "
+                                            "training run's determinism pins, and answer PROMPT (the argument, --file, or "
+                                            "stdin) greedily. --check replays the golden probes of the manifest first and "
+                                            "exits 1 on any difference. Exit 2: a hash does not match, or another error.")
+    infer.__class__ = _IntermixedParser  # add_parser has no way to pick the class of one subcommand
+    infer.add_argument("adapter", help="adapter folder written by `reprolora train`")
+    infer.add_argument("prompt", nargs="?", help="the prompt (default: --file, or stdin)")
+    infer.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
+    infer.add_argument("-f", "--file", help="read the prompt from this file")
+    infer.add_argument("-n", "--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    infer.add_argument("--json", action="store_true", help="print text, token ids, their sha256 and timings as JSON")
+    infer.add_argument("--check", action="store_true", help="replay the golden probes; exit 1 on any difference")
+    infer.set_defaults(run=cmd_infer)
+
+    serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible completions, greedy)",
+                                description="Serve ADAPTER over HTTP: POST /v1/completions, GET /v1/models, GET /healthz, "
+                                            "GET /metrics. Loads as `infer` does; SIGTERM finishes requests in flight, then exits 0.")
+    serve.add_argument("adapter", help="adapter folder written by `reprolora train`")
+    serve.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.add_argument("--check", action="store_true", help="replay the golden probes before serving; exit 1 on any difference")
+    serve.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body (default: 65536)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
+    serve.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for (default: 512)")
+    serve.set_defaults(run=cmd_serve)
     return root
 
 
