@@ -1,7 +1,7 @@
 # A stand-in for nixpkgs, for tests on machines that can't fetch nixpkgs: it replaces the pinned toolchain
 # (Python, torch, transformers, peft, ...) with this machine's own Python, and provides only what
-# `nix build .#adapter` evaluates. Everything the flake itself does (pkgs/*.nix, the build step, the sandbox,
-# `--rebuild`) stays real. Used as:
+# `nix build .#adapter` and `.#infer` evaluate. Everything the flake itself does (pkgs/*.nix, the build step,
+# the sandbox, `--rebuild`) stays real. Used as:
 #   nix build .#adapter --override-input nixpkgs path:<a copy of this folder with host.nix written in>
 # tests/nix/nixtest.py writes host.nix (which Python, and local copies of files fetchurl would download).
 {

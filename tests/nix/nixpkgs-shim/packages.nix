@@ -1,4 +1,4 @@
-# The package set: runCommand, fetchurl and a python3Packages whose packages are this machine's Python and
+# The package set: runCommand, writeShellApplication, fetchurl and a python3Packages whose packages are this machine's Python and
 # its installed modules. Host paths reach the sandbox through nix.conf's sandbox-paths: /bin/sh and
 # /bin/busybox (busybox-static), the Python prefixes and the system libraries.
 { lib, host }:
@@ -102,6 +102,25 @@ in
 {
   inherit lib runCommand;
   runtimeShell = shell;
+
+  # Like nixpkgs' writeShellApplication, without its shellcheck pass, and with busybox sh for bash.
+  writeShellApplication =
+    {
+      name,
+      text,
+      runtimeInputs ? [ ],
+      ...
+    }:
+    runCommand name { passthru.meta.mainProgram = name; } ''
+      mkdir -p $out/bin
+      cat > $out/bin/${name} <<'SCRIPT'
+      #!${busybox} sh
+      set -o errexit -o nounset -o pipefail
+      export PATH="${lib.makeBinPath runtimeInputs}:$PATH"
+      ${text}
+      SCRIPT
+      chmod +x $out/bin/${name}
+    '';
 
   # Only local copies of known files: the sandbox has no network, and neither has this machine for nixpkgs.
   fetchurl =
