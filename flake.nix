@@ -13,6 +13,10 @@
       ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
+      # Where this repository is published, for the image's org.opencontainers.image.source label (left out
+      # while null).
+      sourceUrl = null;
+
       # One file per package under pkgs/, wired like nixpkgs' callPackage: each argument a file names comes
       # from this set or from nixpkgs, and every result has `.override`, e.g.
       #   adapter.override { dataset = ./my.jsonl; trainConfig = ./my.toml; baseModel = ./my-hf-folder; }
@@ -29,7 +33,10 @@
             dataset = callPackage ./pkgs/dataset.nix { };
             adapter = callPackage ./pkgs/adapter.nix { };
             infer = callPackage ./pkgs/infer.nix { };
-            image = callPackage ./pkgs/image.nix { revision = self.rev or "dirty"; };
+            image = callPackage ./pkgs/image.nix {
+              inherit sourceUrl;
+              revision = self.rev or "dirty";
+            };
             checks = callPackages ./pkgs/checks.nix { src = self; };
           };
         in

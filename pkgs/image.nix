@@ -20,10 +20,12 @@
   adapterSha256 ?
     let
       expected = ../expected + "/adapter-${stdenv.hostPlatform.system}.sha256";
-      lines = lib.splitString "\n" (builtins.readFile expected);
-      weights = lib.findFirst (lib.hasSuffix "  adapter_model.safetensors") null lines;
+      # The line `<sha256>  adapter_model.safetensors`, as sha256sum writes it.
+      weights = builtins.filter (line: builtins.match "[0-9a-f]{64}  adapter_model[.]safetensors" line != null) (
+        builtins.filter builtins.isString (builtins.split "\n" (builtins.readFile expected))
+      );
     in
-    if builtins.pathExists expected && weights != null then builtins.substring 0 64 weights else null,
+    if builtins.pathExists expected && weights != [ ] then builtins.substring 0 64 (builtins.head weights) else null,
 }:
 
 dockerTools.buildLayeredImage {

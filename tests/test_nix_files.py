@@ -81,6 +81,58 @@ def test_nix_package_declares_the_dependencies_of_pyproject():
     assert set(block.split()) == declared
 
 
+# pkgs/image.nix called with stand-ins for nixpkgs: what it would pass to dockerTools.buildLayeredImage.
+IMAGE_ARGS = """
+let
+  lib = {
+    optionalString = cond: s: if cond then s else "";
+    optionalAttrs = cond: attrs: if cond then attrs else { };
+  };
+  args = import ./pkgs/image.nix {
+    inherit lib;
+    stdenv.hostPlatform.system = "x86_64-linux";
+    dockerTools.buildLayeredImage = args: args;
+    reprolora.version = "0.1.0";
+    adapter = "/nix/store/00000000000000000000000000000000-reprolora-adapter";
+    infer = "/nix/store/11111111111111111111111111111111-reprolora-infer";
+    revision = "0123abc";
+  };
+in
+{ inherit (args) tag created extraCommands; inherit (args.config) Entrypoint User Labels; }
+"""
+
+
+@needs_nix
+@pytest.mark.parametrize("committed", [False, True])
+def test_image_labels_the_adapter_sha256_committed_in_expected_and_checks_it(tmp_path, committed):
+    (tmp_path / "pkgs").mkdir()
+    shutil.copyfile(nixtest.REPO / "pkgs" / "image.nix", tmp_path / "pkgs" / "image.nix")
+    weights = "ab" * 32
+    if committed:
+        (tmp_path / "expected").mkdir()
+        (tmp_path / "expected" / "adapter-x86_64-linux.sha256").write_text(
+            f"{'cd' * 32}  adapter_config.json\n{weights}  adapter_model.safetensors\n{'ef' * 32}  manifest.json\n"
+        )
+    result = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", IMAGE_ARGS],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    image = json.loads(result.stdout)
+
+    assert image["tag"] == "0.1.0" and image["created"] == "1970-01-01T00:00:01Z"
+    assert image["Entrypoint"] == ["/nix/store/11111111111111111111111111111111-reprolora-infer/bin/reprolora-infer"]
+    assert image["User"] == "65534:65534"
+    labels = image["Labels"]
+    assert labels["org.opencontainers.image.revision"] == "0123abc"
+    assert labels["org.reprolora.adapter.store-path"] == "/nix/store/00000000000000000000000000000000-reprolora-adapter"
+    check = f'echo "{weights}  /nix/store/00000000000000000000000000000000-reprolora-adapter/adapter_model.safetensors" | sha256sum --check'
+    if committed:
+        assert labels["org.reprolora.adapter.sha256"] == weights
+        assert check in image["extraCommands"]
+    else:
+        assert "org.reprolora.adapter.sha256" not in labels
+        assert "sha256sum" not in image["extraCommands"]
+
+
 def write_adapter(folder: Path) -> Path:
     folder.mkdir()
     for name in sorted(nixtest.ADAPTER_FILES):
