@@ -30,7 +30,7 @@
         cd source
         export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
         export PYTHONDONTWRITEBYTECODE=1
-        python -c 'import reprolora; assert reprolora.__file__.startswith("${reprolora}/"), reprolora.__file__'
+        python -c 'import os, reprolora; path = os.path.realpath(reprolora.__file__); assert path.startswith("${reprolora}/"), path'
         python -m pytest -p no:cacheprovider -m "not slow and not nix" tests
         touch $out
       '';
