@@ -25,15 +25,15 @@ pytestmark = [
 
 WHEEL_SRI = "sha256-vMgYMNEM59nnZkDK2Cakt57T5FR8eKC+XE8vsOJEjHA="
 
-# A flake that builds the repository's adapter and infer wrapper on the tiny job, by the overrides that
-# pkgs/adapter.nix documents.
+# A flake that builds the repository's adapter, infer wrapper and checks on the tiny job, by the overrides
+# that pkgs/adapter.nix documents.
 JOB_FLAKE = """\
 {{
   inputs.nixpkgs.url = "path:{shim}";
   inputs.reprolora.url = "git+file://{repo}";
   inputs.reprolora.inputs.nixpkgs.follows = "nixpkgs";
 
-  outputs = {{ self, reprolora, ... }}: {{
+  outputs = {{ self, nixpkgs, reprolora, ... }}: {{
     packages.{system} = {{
       adapter = reprolora.packages.{system}.adapter.override {{
         baseModel = ./model;
@@ -44,6 +44,13 @@ JOB_FLAKE = """\
         baseModel = ./model;
         inherit (self.packages.{system}) adapter;
       }};
+    }};
+    # The flake's own checks file, on the tiny job.
+    checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
+      inherit (nixpkgs.legacyPackages.{system}) runCommand python3Packages;
+      inherit (reprolora.packages.{system}) reprolora;
+      inherit (self.packages.{system}) adapter infer;
+      src = reprolora;
     }};
   }};
 }}
@@ -102,6 +109,16 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
                              str(tiny_base_model), "-n", "8", "Why pin seeds?"], capture_output=True, text=True)
     assert answer.returncode == 0 and direct.returncode == 0, answer.stderr + direct.stderr
     assert answer.stdout == direct.stdout
+
+
+def test_flake_checks_build_the_adapter_twice_and_run_the_infer_wrapper(tiny_job_flake, tmp_path):
+    """pkgs/checks.nix's adapter-reproducible and infer-runs, as `nix flake check` builds them (the pytest
+    check, the fast suite in the sandbox, takes minutes: GitHub CI runs it)."""
+    job, env = tiny_job_flake
+    system = nixtest.nix_system()
+    result = nixtest.nix(["build", "-L", "--no-link", f"path:{job}#checks.{system}.adapter-reproducible",
+                          f"path:{job}#checks.{system}.infer-runs"], env)
+    assert result.returncode == 0, result.stderr[-6000:]
 
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check

@@ -23,7 +23,9 @@ let
     ];
   };
 
-  # Like nixpkgs' runCommand: the command runs in the sandbox with its inputs' bin/ on PATH.
+  # Like nixpkgs' runCommand: the command runs in the sandbox with its inputs' bin/ on PATH. Its
+  # overrideAttrs takes an attribute set (the form pkgs/checks.nix uses): the same command, those attributes
+  # (name included) replaced.
   runCommand =
     name: env: buildCommand:
     let
@@ -43,7 +45,11 @@ let
         }
       );
     in
-    drv // (env.passthru or { });
+    drv
+    // (env.passthru or { })
+    // {
+      overrideAttrs = attrs: runCommand (attrs.name or name) (env // builtins.removeAttrs attrs [ "name" ]) buildCommand;
+    };
 
   python = {
     interpreter = host.python;
