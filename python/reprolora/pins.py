@@ -3,8 +3,12 @@
 torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Two profiles:
 - native:   this CPU's best instruction set (torch's own choice), fixed threads. Same bytes on the same kind
             of CPU.
-- portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads. Same bytes across
-            such CPUs.
+- portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads, and MKL in its
+            vendor-neutral COMPATIBLE code path. Same bytes across such CPUs, Intel and AMD alike.
+
+Measured (torch 2.11, same inputs, AMD Zen 5 here against an Intel Xeon with AVX-512): with MKL_CBWR=AVX2,
+MKL's matrix products and its vector math (exp, log, sqrt) differ between the two vendors; MKL_CBWR=COMPATIBLE
+makes every matrix product and exp/log identical, but MKL's sqrt still differs, so training.AdamW avoids it.
 A user's own settings never win over the pins: `overridden()` says which were replaced.
 """
 
@@ -43,7 +47,7 @@ _PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
     },
     ("portable", "x86_64"): {
         "ATEN_CPU_CAPABILITY": "avx2",
-        "MKL_CBWR": "AVX2",
+        "MKL_CBWR": "COMPATIBLE",  # AVX2 is not enough: MKL picks other kernels on Intel and on AMD
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "OPENBLAS_CORETYPE": "Haswell",
