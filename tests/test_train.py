@@ -224,3 +224,12 @@ def test_ctrl_c_leaves_no_output(tmp_path, tiny_base_model, tiny_dataset):
     assert process.returncode == 130, seen + rest
     assert "interrupted; nothing was written" in rest
     assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_fingerprint_says_what_the_pins_replaced():
+    result = run_cli("fingerprint", env={"OMP_NUM_THREADS": "7", "ATEN_CPU_CAPABILITY": "default"})
+    report = json.loads(result.stdout)
+    assert report["overridden_by_pins"]["OMP_NUM_THREADS"] == "7"
+    assert report["overridden_by_pins"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert report["pins"]["threads"] == 2 and report["pins"]["environment"]["OMP_NUM_THREADS"] == "2"
+    assert {"torch", "transformers", "peft", "safetensors", "numpy", "python"} <= set(report["toolchain"])
