@@ -109,8 +109,7 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     base, tokenizer = load_model_and_tokenizer(base_folder)
     peft_model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     peft_model.eval()
-    # Decode with the inner model, as training did: PeftModel.forward has a different signature (generate.greedy
-    # reads it to name the cache argument), and the bits must come from the same call path.
+    # Keep the model inside the PeftModel (LoRA layers injected): training decoded its probes with that very object.
     return Model(folder, manifest, sha256_file(folder / adapter.MANIFEST), base_folder,
                  peft_model.get_base_model(), tokenizer, time.perf_counter() - started)
 
