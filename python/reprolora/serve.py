@@ -94,8 +94,9 @@ class Metrics:
 
 
 def _neutral(value: Any, wanted: Any) -> bool:
+    """`value` is `wanted`: the same number (JSON's 1 and 1.0 alike), or the same true/false/null."""
     if wanted is None or isinstance(wanted, bool):
-        return value is wanted or value == wanted and type(value) is type(wanted)
+        return value is wanted
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == wanted
 
 
