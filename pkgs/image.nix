@@ -46,6 +46,7 @@ dockerTools.buildLayeredImage {
     User = "65534:65534"; # nobody: the image needs no root
     WorkingDir = "/tmp";
     Env = [ "HOME=/tmp" ];
+    ExposedPorts."8000/tcp" = { }; # `docker run -p 8000:8000 IMAGE serve`
     Labels = {
       "org.opencontainers.image.title" = "reprolora-infer";
       "org.opencontainers.image.description" = "Greedy inference with a reprolora LoRA adapter";

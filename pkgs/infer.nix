@@ -1,6 +1,6 @@
 # `nix run .#infer -- "prompt"`: the library's greedy inference, with the base model and the adapter baked in.
 # Other arguments are passed on: `--check` replays the golden probes kept in the adapter's manifest, `--json`
-# prints JSON.
+# prints JSON. `serve [OPTIONS]` runs the HTTP server instead (on all interfaces, port 8000, as a container needs).
 {
   writeShellApplication,
   reprolora,
@@ -15,6 +15,10 @@ writeShellApplication {
     # The store is read-only and a container may have no HOME: caches go to a temp dir unless one is set.
     export XDG_CACHE_HOME="''${XDG_CACHE_HOME:-''${TMPDIR:-/tmp}/reprolora-cache}"
     export PYTHONDONTWRITEBYTECODE=1
+    if [ "''${1:-}" = serve ]; then
+      shift
+      exec reprolora serve ${adapter} --base-model ${baseModel} --host 0.0.0.0 --port 8000 "$@"
+    fi
     exec reprolora infer ${adapter} --base-model ${baseModel} "$@"
   '';
 }
