@@ -43,7 +43,6 @@ def write_adapter(peft_model: Any, folder: Path, base_model_name: str) -> None:
 
     config = peft_model.peft_config["default"].to_dict()
     config["base_model_name_or_path"] = base_model_name
-    config.pop("revision", None) if config.get("revision") is None else None
     write_file(folder / ADAPTER_CONFIG, canonical_json(_sorted_lists(json.loads(json.dumps(config, default=_jsonable)))))
 
 

@@ -302,8 +302,8 @@ class BaseModel:
 def resolve(path: str, name: str) -> BaseModel:
     """The base model of a config's `base_model` table: the default (prepared on first use) or a local folder."""
     if not path:
-        folder = prepare_default()
-        return BaseModel(folder, name or DEFAULT_NAME, folder_hashes(folder))
+        folder = prepare_default()  # checks every file against CONVERTED_SHA256: no need to read them again
+        return BaseModel(folder, name or DEFAULT_NAME, dict(CONVERTED_SHA256))
     folder = Path(path)
     check_local_folder(folder)
     hashes = folder_hashes(folder)
