@@ -88,8 +88,8 @@ def verify(folder: Path) -> list[str]:
         elif not path.is_file():
             problems.append(f"{name}: not a regular file")
         else:
-            size = path.stat().st_size
-            if size != expected[name].get("size") or sha256_file(path) != expected[name].get("sha256"):
-                problems.append(f"{name}: differs (sha256 {sha256_file(path)}, expected {expected[name].get('sha256')})")
+            actual = sha256_file(path)
+            if path.stat().st_size != expected[name].get("size") or actual != expected[name].get("sha256"):
+                problems.append(f"{name}: differs (sha256 {actual}, expected {expected[name].get('sha256')})")
     problems += [f"{name}: extra file not in the manifest" for name in sorted(present - set(expected))]
     return problems

@@ -126,8 +126,10 @@ def render(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> s
     """The text of a conversation: the tokenizer's chat template, or a plain format when it has none."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}" + (tokenizer.eos_token or "") + "\n\n" if m["role"] == "assistant"
-                   else f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    text = ""
+    for m in messages:
+        end = (tokenizer.eos_token or "") if m["role"] == "assistant" else ""  # the model learns to stop
+        text += f"### {m['role'].capitalize()}:\n{m['content']}{end}\n\n"
     return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
