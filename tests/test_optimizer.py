@@ -1,6 +1,6 @@
 import torch
 
-from reprolora.train import AdamW, learning_rate
+from reprolora.optim import AdamW, learning_rate
 
 
 def test_adamw_follows_torch_adamw():

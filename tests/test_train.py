@@ -93,7 +93,7 @@ PEFT_CHECK = textwrap.dedent("""
     pins.apply(manifest["pins"]["profile"], manifest["pins"]["threads"])
     from peft import PeftModel
     from reprolora.generate import greedy
-    from reprolora.train import load_model_and_tokenizer
+    from reprolora.model import load_model_and_tokenizer
     base, tokenizer = load_model_and_tokenizer(base_dir)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for probe in manifest["probes"]["results"]:

@@ -34,7 +34,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     _report_overrides()
     from reprolora import train
 
-    result = train.run(config, Path(args.output), progress=not args.quiet)
+    if args.checkpoint_every < 0:
+        raise ReproloraError(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
+    result = train.run(config, Path(args.output), progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                       resume=args.resume)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     m = result.metrics
     print(
         f"reprolora: wrote {result.folder} | eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
@@ -69,9 +74,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     config = _config_with_overrides(args)
     pins.apply(config.profile, config.threads)
-    from reprolora import train
+    from reprolora.model import toolchain
 
-    report = {"pins": pins.describe(), "overridden_by_pins": pins.overridden(), "toolchain": train.toolchain()}
+    report = {"pins": pins.describe(), "overridden_by_pins": pins.overridden(), "toolchain": toolchain()}
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 
@@ -205,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
     job_options(train)
     train.add_argument("-o", "--output", default="out/adapter", help="output folder, must not exist (default: out/adapter)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                       help="after every N steps, save the training state in OUTPUT.checkpoints/step-NNNNNN/ (default: 0, none)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in OUTPUT.checkpoints/ (refused if it is of another job)")
     train.set_defaults(run=cmd_train)
 
     verify = commands.add_parser("verify", help="check every hash in an adapter folder's manifest",

@@ -1,7 +1,7 @@
 """The job's configuration: one TOML file, every field typed and validated.
 
-Defaults follow the reference study (seed 42, LoRA r=16, alpha=32, dropout 0.1, one epoch). A TOML file only
-names what it changes; relative paths in it are relative to the file.
+The defaults below are the default job (seed 42, LoRA r=16, alpha=32, dropout 0.1, one epoch), and this is the
+only place they are written. A TOML file only names what it changes; relative paths in it are relative to the file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -47,7 +46,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = as many as the epochs give
     batch_size: int = 4
-    grad_accum: int = 1
+    grad_accum: int = 1  # a step takes batch_size * grad_accum examples
+    micro_batch_size: int = 1  # examples per forward/backward pass: the unit of work a process is given
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"  # one of SCHEDULES, after a linear warmup
     warmup_ratio: float = 0.1
@@ -154,6 +154,7 @@ def validate(config: Config, source: str) -> Config:
     _require(t.max_steps >= 0, source, f"'train.max_steps' must be >= 0, got {t.max_steps}")
     _require(t.batch_size >= 1, source, f"'train.batch_size' must be at least 1, got {t.batch_size}")
     _require(t.grad_accum >= 1, source, f"'train.grad_accum' must be at least 1, got {t.grad_accum}")
+    _require(t.micro_batch_size >= 1, source, f"'train.micro_batch_size' must be at least 1, got {t.micro_batch_size}")
     _require(t.eval_batch_size >= 1, source, f"'train.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
     _require(t.learning_rate > 0, source, f"'train.learning_rate' must be > 0, got {t.learning_rate}")
     _require(t.lr_schedule in SCHEDULES, source, f"'train.lr_schedule' must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
@@ -186,10 +187,9 @@ def parse(text: str, source: str, base_dir: Path) -> Config:
 
 
 def load(path: str | Path | None) -> Config:
-    """The default job's config, or the one in `path` (defaults for what it leaves out)."""
+    """The default job's config (the defaults above), or the one in `path` (defaults for what it leaves out)."""
     if path is None:
-        text = resources.files("reprolora.data").joinpath("default.toml").read_text()
-        return parse(text, "<built-in default.toml>", Path("."))
+        return validate(Config(), "<built-in defaults>")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

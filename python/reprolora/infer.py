@@ -100,7 +100,7 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     import transformers
     from peft import PeftModel
 
-    from reprolora.train import load_model_and_tokenizer
+    from reprolora.model import load_model_and_tokenizer
 
     transformers.utils.logging.disable_progress_bar()  # stderr is for what the user must read
     # peft 0.21 calls a transformers 5 method that transformers deprecates: noise, not news, for a user.
@@ -168,7 +168,7 @@ def check_probes(model: Model) -> list[ProbeCheck]:
 
 def environment_differences(model: Model) -> list[str]:
     """What about this machine differs from the training run's record: the usual reasons probes stop matching."""
-    from reprolora.train import toolchain
+    from reprolora.model import toolchain
 
     notes = []
     recorded = model.manifest.get("pins", {})

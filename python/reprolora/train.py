@@ -1,15 +1,23 @@
 """The training recipe: one LoRA fine-tune on CPU, from pinned inputs to a published adapter folder.
 
-Reads top to bottom: resolve and hash the inputs, seed, build the model and the adapter, evaluate, train
-(AdamW, warmup then decay, gradient clipping and accumulation), evaluate again, decode the golden probes,
-write the adapter and its manifest into a temporary folder and rename it into place.
+Reads top to bottom:
+- setup: resolve and hash the inputs, build the model and its adapter, plan every step's micro-batches;
+- the step: a function of the training state and the micro-batches it is given, nothing else;
+- the loop: steps, checkpoints, progress;
+- the end: eval, golden probes, the manifest, and the folder published atomically.
+
+The unit of work is the micro-batch (`train.micro_batch_size` examples, one forward and backward pass). A step
+takes `batch_size * grad_accum` examples; each micro-batch's gradient is computed on its own, with dropout drawn
+from a generator seeded by (seed, step, micro-batch), and the gradients are added in micro-batch order. That is
+what makes the bytes the same on any number of processes (reprolora.distributed) and after a resume
+(reprolora.checkpoint): neither changes what a micro-batch computes nor the order of the sum.
 The determinism pins (reprolora.pins) must already be applied: they act when torch is imported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import platform
 import random
 import sys
 import time
@@ -20,12 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import __version__, adapter, base_model, dataset, pins
+from reprolora import adapter, base_model, checkpoint, dataset, distributed, pins
 from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.config import Config
 from reprolora.dataset import IGNORE, Tokenized
 from reprolora.errors import ReproloraError
 from reprolora.generate import greedy
+from reprolora.model import load_model_and_tokenizer, toolchain
+from reprolora.optim import AdamW, learning_rate
+
+# No reduction in the step sums more elements than this at once: ATen splits a reduction over 32,768 elements
+# or more between threads, and the split changes the bits with the thread count.
+REDUCTION_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -36,149 +50,86 @@ class Result:
     seconds: float
 
 
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Job:
+    """What training reads and never changes: the inputs, the model with its adapter, and the plan of every step."""
+
+    config: Config
+    base: base_model.BaseModel
+    data: dataset.Dataset
+    train_idx: list[int]
+    eval_idx: list[int]
+    encoded: list[Tokenized]
+    tokenizer: Any
+    peft_model: Any
+    plan: list[list[list[int]]]  # step -> micro-batch -> example indices
+    epoch_of_step: list[int]
+    warmup: int
+    identity: dict[str, Any]  # see identity()
+
+    @property
+    def causal_lm(self) -> Any:
+        return self.peft_model.get_base_model()
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+
+def identity(config: Config, base: base_model.BaseModel, data: dataset.Dataset, train_idx: list[int],
+             eval_idx: list[int]) -> dict[str, Any]:
+    """What fixes the bytes of a job: its inputs by content, its config, the toolchain and the pins. The manifest
+    records it; a checkpoint must match it to be resumed."""
+    resolved = config.to_dict()
+    # The manifest names inputs by content, never by path.
+    resolved["base_model"] = {"name": base.name}
+    resolved["dataset"] = {**resolved["dataset"], "path": data.name}
+    return {
+        "inputs": {
+            "base_model": {"name": base.name, "files": base.hashes},
+            "dataset": {"name": data.name, "sha256": data.sha256, "examples": len(data.conversations),
+                        "train_indices": train_idx, "eval_indices": eval_idx},
+            "config": resolved,
+        },
+        "toolchain": toolchain(),
+        "pins": pins.describe(),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def load_model_and_tokenizer(folder: Path) -> tuple[Any, Any]:
-    """A causal LM in float32 and its tokenizer, from local safetensors only, no custom code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=False, use_safetensors=True, dtype=torch.float32
-    )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def batches(items: list[Tokenized], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches in the given order."""
-    result = []
-    for start in range(0, len(items), size):
-        chunk = items[start : start + size]
-        width = max(len(item.input_ids) for item in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, item in enumerate(chunk):
-            n = len(item.input_ids)
-            ids[row, :n] = torch.tensor(item.input_ids)
-            labels[row, :n] = torch.tensor(item.labels)
-            mask[row, :n] = 1
-        result.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
-    return result
-
-
-def summed_loss(causal_lm: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the labelled tokens, and their count.
-
-    The output projection runs only on the positions that have a label: on a 49k vocabulary that is a large
-    share of the step's work, and prompts carry no labels.
-    """
-    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
-
-
-@torch.no_grad()
-def evaluate(causal_lm: Any, eval_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    causal_lm.eval()
-    total, count = 0.0, 0
-    for batch in eval_batches:
-        loss, n = summed_loss(causal_lm, batch)
-        total += float(loss)
-        count += n
-    mean = total / count
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
-
-
-class AdamW:
-    """AdamW (decoupled weight decay, bias-corrected moments) built from elementwise ops that give the same bits
-    on every CPU for a given instruction set.
-
-    torch.optim.AdamW takes its square root from MKL's vector math library on MKL builds of torch, and that
-    square root gives different bits on Intel and AMD CPUs, even with MKL_CBWR=COMPATIBLE (measured). rsqrt and
-    division are ATen's own kernels, exact IEEE operations.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.params = params
-        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        self.steps += 1
-        beta1, beta2 = self.betas
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2 = 1 - beta2**self.steps
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            grad = param.grad
-            param.mul_(1 - lr * self.weight_decay)
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # sqrt(v_hat) as 1 / rsqrt(v_hat); rsqrt(0) = inf gives 0, as sqrt(0) would.
-            denom = torch.ones_like(exp_avg_sq).div_(torch.rsqrt(exp_avg_sq / bias_correction2)).add_(self.eps)
-            param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
-
-
-def learning_rate(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine, linear or constant until `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return peak * (1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def toolchain() -> dict[str, str]:
-    import peft
-    import safetensors
-    import transformers
-
-    versions = {
-        "python": platform.python_version(),
-        "reprolora": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import tokenizers
-
-        versions["tokenizers"] = tokenizers.__version__
-    except ImportError:
-        pass
-    return versions
-
-
-def run(config: Config, out: Path, progress: bool = True) -> Result:
-    """Train the adapter described by `config` and publish it at `out` (which must not exist)."""
-    started = time.perf_counter()
-    check_output_target(out)
+def plan_steps(train_idx: list[int], rng: random.Random, config: Config) -> tuple[list[list[list[int]]], list[int]]:
+    """The micro-batches of every step, and the epoch of each step: a seeded shuffle per epoch, cut into steps of
+    batch_size * grad_accum examples (the last step of an epoch may be short), each cut into micro-batches."""
     t = config.train
+    per_step = t.batch_size * t.grad_accum
+    steps_per_epoch = math.ceil(len(train_idx) / per_step)
+    total = steps_per_epoch * t.epochs if t.max_steps == 0 else t.max_steps
+    plan: list[list[list[int]]] = []
+    epochs: list[int] = []
+    epoch = 0
+    while len(plan) < total:
+        order = list(train_idx)
+        rng.shuffle(order)
+        for first in range(0, len(order), per_step):
+            if len(plan) == total:
+                break
+            examples = order[first : first + per_step]
+            plan.append([examples[i : i + t.micro_batch_size] for i in range(0, len(examples), t.micro_batch_size)])
+            epochs.append(epoch)
+        epoch += 1
+    return plan, epochs
 
-    # Inputs, each hashed before use.
+
+def setup(config: Config) -> Job:
+    """Resolve and hash the inputs, tokenize, build the model with its LoRA adapter (seeded), plan the steps."""
     base = base_model.resolve(config.base_model.path, config.base_model.name)
     data = dataset.load(config.dataset.path)
     rng = random.Random(config.seed)
@@ -206,59 +157,191 @@ def run(config: Config, out: Path, progress: bool = True) -> Result:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
-    causal_lm = peft_model.get_base_model()
+    plan, epoch_of_step = plan_steps(train_idx, rng, config)
+    warmup = math.ceil(len(plan) * config.train.warmup_ratio)
+    return Job(config, base, data, train_idx, eval_idx, encoded, tokenizer, peft_model, plan, epoch_of_step, warmup,
+               identity(config, base, data, train_idx, eval_idx))
 
-    pad_id = tokenizer.pad_token_id
-    eval_batches = batches([encoded[i] for i in eval_idx], t.eval_batch_size, pad_id)
-    before = evaluate(causal_lm, eval_batches)
 
-    steps_per_epoch = math.ceil(len(train_idx) / (t.batch_size * t.grad_accum))
-    total_steps = steps_per_epoch * t.epochs if t.max_steps == 0 else t.max_steps
-    warmup = math.ceil(total_steps * t.warmup_ratio)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = AdamW(trainable, weight_decay=t.weight_decay)
+@dataclass
+class TrainState:
+    """Everything training changes. The step maps it to the next one; a checkpoint holds exactly this.
 
-    loss_trace: list[float] = []
-    trained_tokens = 0
-    train_seconds = 0.0
+    No random generator is carried from step to step: dropout's is seeded from (seed, step, micro-batch) and the
+    data order is the plan, fixed at setup. So `step` is the whole of the RNG state and the data position."""
+
+    step: int  # optimizer steps done
+    params: dict[str, torch.nn.Parameter]  # the adapter's trainable weights, by name (the model's own tensors)
+    optimizer: AdamW  # AdamW's moments and step count
+    loss_trace: list[float]  # mean loss per labelled token of every step done
+    eval_before: dict[str, float]  # eval loss of the untrained adapter, for the manifest
+
+
+def initial_state(job: Job) -> TrainState:
+    """Step 0: the adapter as get_peft_model initialised it, zero moments, no eval yet."""
+    params = {name: p for name, p in job.peft_model.named_parameters() if p.requires_grad}
+    optimizer = AdamW(list(params.values()), weight_decay=job.config.train.weight_decay)
+    return TrainState(0, params, optimizer, [], {})
+
+
+# ---------------------------------------------------------------------------------------------------- the step
+
+
+def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch, as wide as its longest example."""
+    width = max(len(item.input_ids) for item in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def labelled_tokens(item: Tokenized) -> int:
+    """Tokens that are predicted with a label (the first token is never predicted)."""
+    return sum(1 for label in item.labels[1:] if label != IGNORE)
+
+
+def chunked_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor in fixed chunks, in order: the same bits whatever the thread count."""
+    parts = values.split(REDUCTION_CHUNK)
+    if len(parts) == 1:
+        return values.sum()
+    return torch.stack([part.sum() for part in parts]).sum()
+
+
+def summed_loss(causal_lm: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the labelled tokens, and their count.
+
+    The output projection runs only on the positions that have a label: on a 49k vocabulary that is a large
+    share of the step's work, and prompts carry no labels.
+    """
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    per_token = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return chunked_sum(per_token), int(keep.sum())
+
+
+def dropout_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The seed of dropout's generator for one micro-batch: the same on any rank, after any resume."""
+    digest = hashlib.sha256(f"reprolora-dropout/{seed}/{step}/{micro_batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def micro_batch_gradient(job: Job, state: TrainState, index: int, examples: list[int]) -> torch.Tensor:
+    """The gradient of one micro-batch's summed loss, flattened in parameter order, with that loss appended."""
+    torch.manual_seed(dropout_seed(job.config.seed, state.step, index))  # LoRA dropout draws from this generator
+    batch = collate([job.encoded[i] for i in examples], job.tokenizer.pad_token_id)
+    loss, _ = summed_loss(job.causal_lm, batch)
+    loss.backward()
+    flat = torch.cat([p.grad.reshape(-1) for p in state.params.values()] + [loss.detach().reshape(1)])
+    state.optimizer.zero_grad()
+    return flat
+
+
+def fold(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the micro-batches' vectors, added one by one in micro-batch order."""
+    total = vectors[0].clone()
+    for vector in vectors[1:]:
+        total.add_(vector)
+    return total
+
+
+def grad_norm(flat_grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The global L2 norm as clip_grad_norm_ computes it (the norm of the per-tensor norms), with each tensor's
+    norm taken over fixed chunks so that no reduction splits by thread."""
+    norms = []
+    for grad in flat_grad.split(sizes):
+        chunks = grad.split(REDUCTION_CHUNK)
+        norms.append(torch.linalg.vector_norm(chunks[0]) if len(chunks) == 1
+                     else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks])))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
+    """One optimizer step: each process computes the gradients of its share of the micro-batches, every process
+    receives all of them, adds them in micro-batch order, clips, and updates its copy of the adapter."""
+    t = job.config.train
+    micro_batches = job.plan[state.step]
+    job.causal_lm.train()
+    mine = {i: micro_batch_gradient(job, state, i, examples)
+            for i, examples in enumerate(micro_batches) if world.owns(i)}
+    vectors = world.gather(mine, len(micro_batches), sum(p.numel() for p in state.params.values()) + 1)
+    n_tokens = sum(labelled_tokens(job.encoded[i]) for examples in micro_batches for i in examples)
+
+    with torch.no_grad():
+        grad = fold(vectors)[:-1].div_(n_tokens)
+        sizes = [p.numel() for p in state.params.values()]
+        scale = torch.clamp(t.max_grad_norm / (grad_norm(grad, sizes) + 1e-6), max=1.0)
+        grad.mul_(scale)
+        for param, param_grad in zip(state.params.values(), grad.split(sizes)):
+            param.grad = param_grad.view_as(param)
+    state.optimizer.step(learning_rate(state.step, job.total_steps, job.warmup, t.learning_rate, t.lr_schedule))
+    state.optimizer.zero_grad()
+    state.loss_trace.append(sum(float(vector[-1]) for vector in vectors) / n_tokens)
+    state.step += 1
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def step_tokens(job: Job, step: int) -> int:
+    return sum(len(job.encoded[i].input_ids) for examples in job.plan[step] for i in examples)
+
+
+def train(job: Job, state: TrainState, world: distributed.World, progress: bool, checkpoints: Path,
+          checkpoint_every: int) -> float:
+    """Steps from `state.step` to the end of the plan, a checkpoint every `checkpoint_every` steps (0: none);
+    returns the seconds spent in steps."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    step = 0
-    epoch = 0
-    while step < total_steps:
-        order = list(train_idx)
-        rng.shuffle(order)
-        micro = batches([encoded[i] for i in order], t.batch_size, pad_id)
-        for first in range(0, len(micro), t.grad_accum):
-            if step >= total_steps:
-                break
-            window = micro[first : first + t.grad_accum]
-            tick = time.perf_counter()
-            causal_lm.train()
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
-            step_loss = 0.0
-            for batch in window:
-                loss, _ = summed_loss(causal_lm, batch)
-                (loss / n_tokens).backward()
-                step_loss += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm, foreach=False)
-            optimizer.step(learning_rate(step, total_steps, warmup, t.learning_rate, t.lr_schedule))
-            optimizer.zero_grad()
-            train_seconds += time.perf_counter() - tick
-            trained_tokens += sum(int(b["attention_mask"].sum()) for b in window)
-            loss_trace.append(step_loss / n_tokens)
-            step += 1
-            bar.set_postfix(loss=f"{loss_trace[-1]:.4f}", tok_s=f"{trained_tokens / train_seconds:.0f}", epoch=epoch)
-            bar.update(1)
-        epoch += 1
+    bar = tqdm(total=job.total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
+               disable=not (progress and world.is_main), dynamic_ncols=True)
+    seconds, tokens = 0.0, 0
+    while state.step < job.total_steps:
+        tick = time.perf_counter()
+        tokens += step_tokens(job, state.step)
+        train_step(job, state, world)
+        seconds += time.perf_counter() - tick
+        bar.set_postfix(loss=f"{state.loss_trace[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}",
+                        epoch=job.epoch_of_step[state.step - 1])
+        bar.update(1)
+        if checkpoint_every and state.step % checkpoint_every == 0 and state.step < job.total_steps and world.is_main:
+            checkpoint.save(checkpoints, job.identity, state)
     bar.close()
+    return seconds
 
-    after = evaluate(causal_lm, eval_batches)
+
+# ---------------------------------------------------------------------------------------------------- the end
+
+
+@torch.no_grad()
+def evaluate(job: Job) -> dict[str, float]:
+    causal_lm = job.causal_lm
     causal_lm.eval()
+    pad_id = job.tokenizer.pad_token_id
+    size = job.config.train.eval_batch_size
+    total, count = 0.0, 0
+    for first in range(0, len(job.eval_idx), size):
+        loss, n = summed_loss(causal_lm, collate([job.encoded[i] for i in job.eval_idx[first : first + size]], pad_id))
+        total += float(loss)
+        count += n
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
+
+
+def golden_probes(job: Job) -> list[dict[str, Any]]:
+    job.causal_lm.eval()
     probes = []
-    for prompt in config.probes.prompts:
-        completion = greedy(causal_lm, tokenizer, prompt, config.probes.max_new_tokens)
+    for prompt in job.config.probes.prompts:
+        completion = greedy(job.causal_lm, job.tokenizer, prompt, job.config.probes.max_new_tokens)
         probes.append({
             "prompt": prompt,
             "token_ids": completion.token_ids,
@@ -266,39 +349,77 @@ def run(config: Config, out: Path, progress: bool = True) -> Result:
             "finish_reason": completion.finish_reason,
             "logits_sha256": completion.logits_sha256,
         })
+    return probes
 
+
+def manifest_body(job: Job, state: TrainState, after: dict[str, float], probes: list[dict[str, Any]]) -> dict[str, Any]:
+    before = state.eval_before
     metrics = {
         "eval_loss_before": before["loss"],
         "eval_loss_after": after["loss"],
         "eval_perplexity_before": before["perplexity"],
         "eval_perplexity_after": after["perplexity"],
         "eval_tokens": before["tokens"],
-        "train_examples": len(train_idx),
-        "eval_examples": len(eval_idx),
-        "steps": step,
-        "epochs": epoch,
-        "train_tokens": trained_tokens,
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "train_examples": len(job.train_idx),
+        "eval_examples": len(job.eval_idx),
+        "steps": state.step,
+        "epochs": job.epoch_of_step[-1] + 1,
+        "train_tokens": sum(step_tokens(job, step) for step in range(state.step)),
+        "trainable_parameters": sum(p.numel() for p in state.params.values()),
     }
-    resolved = config.to_dict()
-    # The manifest names inputs by content, never by path.
-    resolved["base_model"] = {"name": base.name}
-    resolved["dataset"] = {**resolved["dataset"], "path": data.name}
-    body = {
-        "inputs": {
-            "base_model": {"name": base.name, "files": base.hashes},
-            "dataset": {"name": data.name, "sha256": data.sha256, "examples": len(data.conversations),
-                        "train_indices": train_idx, "eval_indices": eval_idx},
-            "config": resolved,
-        },
-        "toolchain": toolchain(),
-        "pins": pins.describe(),
+    return {
+        **job.identity,
         "metrics": metrics,
-        "loss_trace": loss_trace,
-        "loss_trace_sha256": sha256_bytes(canonical_json(loss_trace)),
-        "probes": {"max_new_tokens": config.probes.max_new_tokens, "results": probes},
+        "loss_trace": state.loss_trace,
+        "loss_trace_sha256": sha256_bytes(canonical_json(state.loss_trace)),
+        "probes": {"max_new_tokens": job.config.probes.max_new_tokens, "results": probes},
     }
-    with publish_dir(out) as staging:
-        adapter.write_adapter(peft_model, staging, base.name)
-        adapter.write_manifest(staging, body)
-    return Result(out, metrics, trained_tokens / max(train_seconds, 1e-9), time.perf_counter() - started)
+
+
+def weights_sha256(state: TrainState) -> str:
+    digest = hashlib.sha256()
+    for name, param in state.params.items():
+        digest.update(name.encode())
+        digest.update(param.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def start(job: Job, out: Path, resume: bool) -> TrainState:
+    """The state to train from: the newest checkpoint of this job with `resume`, else step 0."""
+    state = initial_state(job)
+    latest = checkpoint.newest(checkpoint.folder_for(out)) if resume else None
+    if latest is not None:
+        checkpoint.load(latest, job.identity, state)
+        print(f"reprolora: resuming from {latest} (step {state.step} of {job.total_steps})", file=sys.stderr)
+    else:
+        if resume:
+            print(f"reprolora: no checkpoint in {checkpoint.folder_for(out)}; starting at step 0", file=sys.stderr)
+        state.eval_before = evaluate(job)
+    return state
+
+
+def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int = 0, resume: bool = False) -> Result | None:
+    """Train the adapter described by `config` and publish it at `out` (which must not exist).
+
+    Under torchrun every rank trains; rank 0 alone publishes, once every rank has shown that it holds the same
+    weights. Other ranks return None."""
+    started = time.perf_counter()
+    check_output_target(out)
+    world = distributed.world()
+    try:
+        job = setup(config)
+        state = start(job, out, resume)
+        distributed.check_same(world, "the step to start from", str(state.step))
+        train_seconds = train(job, state, world, progress, checkpoint.folder_for(out), checkpoint_every)
+        distributed.check_same(world, "the sha256 of the trained weights", weights_sha256(state))
+        if not world.is_main:
+            return None
+        after = evaluate(job)
+        body = manifest_body(job, state, after, golden_probes(job))
+        with publish_dir(out) as staging:
+            adapter.write_adapter(job.peft_model, staging, job.base.name)
+            adapter.write_manifest(staging, body)
+    finally:
+        world.close()
+    metrics = body["metrics"]
+    return Result(out, metrics, metrics["train_tokens"] / max(train_seconds, 1e-9), time.perf_counter() - started)
