@@ -45,7 +45,7 @@ def run(name, fn, repeat=3):
 
 def rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g)
+    return torch.randn(tuple(shape), generator=g)
 
 def fwd_bwd(fn, *inputs):
     def go():
@@ -129,7 +129,9 @@ def main() -> int:
     runs = {}
     for n in args.threads:
         out = subprocess.run([sys.executable, "-c", CHILD, str(n), args.profile, base, args.tiny_model],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"thread_battery: the {n}-thread run failed:\n{out.stderr[-3000:]}")
         runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
     names = list(runs[args.threads[0]])
     print(f"profile {args.profile}; threads {args.threads}; 'same' = identical bits at every thread count")
