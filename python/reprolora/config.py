@@ -12,9 +12,11 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
 from reprolora.errors import ReproloraError
+from reprolora.families import PRESETS
 from reprolora.pins import PROFILES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -38,7 +40,8 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # module names, or a preset of reprolora.families ("attention", "all-linear") that training expands per family
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,12 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
+    if get_origin(tp) is UnionType:  # such as list[str] | str: the option of the value's own kind decides
+        for option in get_args(tp):
+            if isinstance(value, get_origin(option) or option):
+                return _check_type(value, option, where)
+        wanted = " or ".join(_type_name(option) for option in get_args(tp))
+        raise ReproloraError(f"{where} must be {wanted}, got {type(value).__name__} {value!r}")
     if get_origin(tp) is list:
         if not isinstance(value, list):
             raise ReproloraError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -149,7 +158,13 @@ def validate(config: Config, source: str) -> Config:
     _require(lora.r >= 1, source, f"'lora.r' must be at least 1, got {lora.r}")
     _require(lora.alpha >= 1, source, f"'lora.alpha' must be at least 1, got {lora.alpha}")
     _require(0 <= lora.dropout < 1, source, f"'lora.dropout' must be in [0, 1), got {lora.dropout}")
-    _require(len(lora.target_modules) > 0, source, "'lora.target_modules' must name at least one module")
+    if isinstance(lora.target_modules, str):
+        _require(lora.target_modules in PRESETS, source,
+                 f"'lora.target_modules' must be a list of module names or one of the presets {', '.join(PRESETS)}, "
+                 f"got {lora.target_modules!r}")
+    else:
+        _require(len(lora.target_modules) > 0, source, "'lora.target_modules' must name at least one module")
+        _require(all(lora.target_modules), source, "'lora.target_modules' must not hold an empty name")
     _require(t.epochs >= 1, source, f"'train.epochs' must be at least 1, got {t.epochs}")
     _require(t.max_steps >= 0, source, f"'train.max_steps' must be >= 0, got {t.max_steps}")
     _require(t.batch_size >= 1, source, f"'train.batch_size' must be at least 1, got {t.batch_size}")

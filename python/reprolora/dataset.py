@@ -122,10 +122,20 @@ def split(count: int, eval_fraction: float, rng: random.Random) -> tuple[list[in
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
+# Llama 3's chat templates write today's date (transformers' strftime_now) unless given a `date_string`: a fixed
+# one keeps the text, and so the bytes, the same on every day. It is the date those templates fall back to.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def render(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> str:
     """The text of a conversation: the tokenizer's chat template, or a plain format when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        if "strftime_now" in str(template) and "date_string" not in str(template):
+            raise ReproloraError("the base model's chat template writes today's date (strftime_now), so its text changes "
+                                 "every day; give the model a tokenizer_config.json whose template does not")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             date_string=TEMPLATE_DATE)
     text = ""
     for m in messages:
         end = (tokenizer.eos_token or "") if m["role"] == "assistant" else ""  # the model learns to stop

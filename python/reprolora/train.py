@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import adapter, base_model, checkpoint, dataset, distributed, pins
+from reprolora import adapter, base_model, checkpoint, dataset, distributed, families, pins
 from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.config import Config
 from reprolora.dataset import IGNORE, Tokenized
-from reprolora.errors import ReproloraError
 from reprolora.generate import greedy
 from reprolora.model import load_model_and_tokenizer, toolchain
 from reprolora.optim import AdamW, learning_rate
@@ -141,9 +140,7 @@ def setup(config: Config) -> Job:
         dataset.tokenize(tokenizer, messages, config.dataset.max_seq_len, dataset.line_label(data, i))
         for i, messages in enumerate(data.conversations)
     ]
-    for module in config.lora.target_modules:
-        if not any(name.split(".")[-1] == module for name, _ in model.named_modules()):
-            raise ReproloraError(f"lora.target_modules: the base model has no module named {module!r}")
+    config = families.resolve(config, model)  # a preset becomes this model's module names, each checked
 
     from peft import LoraConfig, get_peft_model
 
