@@ -227,7 +227,7 @@ def test_ctrl_c_leaves_no_output(tmp_path, tiny_base_model, tiny_dataset):
 
 
 def test_fingerprint_says_what_the_pins_replaced():
-    result = run_cli("fingerprint", env={"OMP_NUM_THREADS": "7", "ATEN_CPU_CAPABILITY": "default"})
+    result = run_cli("fingerprint", "--json", env={"OMP_NUM_THREADS": "7", "ATEN_CPU_CAPABILITY": "default"})
     report = json.loads(result.stdout)
     assert report["overridden_by_pins"]["OMP_NUM_THREADS"] == "7"
     assert report["overridden_by_pins"]["ATEN_CPU_CAPABILITY"] == "default"

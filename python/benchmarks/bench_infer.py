@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from reprolora import manifest  # no torch: the pins still come first
+
 DEFAULT_ADAPTER = "out/adapter"
 FIRST_TOKEN_RUNS = 4  # per repeat and path
 
@@ -175,9 +177,8 @@ def main() -> None:
     args = parser.parse_args()
     adapter = Path(args.adapter)
     base_dir = Path(args.base_model) if args.base_model else None
-    manifest = json.loads((adapter / "manifest.json").read_text())
-    probes = manifest["probes"]["results"]
-    prompt = args.prompt or probes[0]["prompt"]
+    probes = manifest.read(adapter).probes.results
+    prompt = args.prompt or probes[0].prompt
 
     d = bench_decoding(adapter, base_dir, prompt, args.max_new_tokens, args.repeats)
     ours, plain = d["reprolora"], d["plain"]
@@ -191,7 +192,7 @@ def main() -> None:
     print(f"reprolora/plain, median of paired runs (target <= 1.0): time per token {d['ratio_full']:.3f}, "
           f"first-token latency {d['ratio_first']:.3f}; same tokens: {'yes' if d['same_tokens'] else 'NO'}")
 
-    s = bench_server(adapter, base_dir, [p["prompt"] for p in probes], {p["prompt"]: p["token_ids"] for p in probes},
+    s = bench_server(adapter, base_dir, [p.prompt for p in probes], {p.prompt: p.token_ids for p in probes},
                      args.clients, args.requests, args.server_max_tokens)
     print(f"serve: {s['requests']} requests ({args.clients} clients x {args.requests}, max_tokens {args.server_max_tokens}) "
           f"in {s['wall_s']:.1f} s: {s['requests_per_s']:.2f} requests/s, {s['tokens_per_s']:.1f} tokens/s, "

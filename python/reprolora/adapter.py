@@ -11,13 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reprolora.canonical import canonical_json, file_entry, sha256_file, write_file
-from reprolora.errors import ReproloraError
+from reprolora import manifest
+from reprolora.canonical import canonical_json, sha256_file, write_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "reprolora-manifest/1"
 
 
 def _sorted_lists(value: Any) -> Any:
@@ -55,31 +53,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> None:
-    """manifest.json: `body` plus the sha256 and size of every file already in `folder`."""
-    files = {child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != MANIFEST}
-    write_file(folder / MANIFEST, canonical_json({"format": MANIFEST_FORMAT, "files": files, **body}))
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise ReproloraError(f"{folder}: adapter folder not found")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReproloraError(f"{path}: no manifest; not a reprolora adapter folder") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReproloraError(f"{path}: manifest is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise ReproloraError(f"{path}: not a {MANIFEST_FORMAT} manifest")
-    return manifest
+    """manifest.json: `body` (every manifest key but format and files) plus the sha256 and size of every file
+    already in `folder`. Goes through the typed manifest, so a missing or mistyped key fails here, at training."""
+    manifest.write(folder, manifest.from_dict({"format": manifest.FORMAT, "files": {}, **body}))
 
 
 def verify(folder: Path) -> list[str]:
     """Every problem with `folder` against its manifest (empty when every hash holds)."""
-    manifest = read_manifest(folder)
-    expected: dict[str, Any] = manifest["files"]
-    present = {child.name for child in folder.iterdir()} - {MANIFEST}
+    return check_files(folder, manifest.read(folder))
+
+
+def check_files(folder: Path, recorded: manifest.Manifest) -> list[str]:
+    """Every file of `folder` that is missing, differs from `recorded` or is not in it."""
+    expected = recorded.files
+    present = {child.name for child in folder.iterdir()} - {manifest.FILENAME}
     problems = []
     for name in sorted(expected):
         path = folder / name
@@ -89,7 +76,7 @@ def verify(folder: Path) -> list[str]:
             problems.append(f"{name}: not a regular file")
         else:
             actual = sha256_file(path)
-            if path.stat().st_size != expected[name].get("size") or actual != expected[name].get("sha256"):
-                problems.append(f"{name}: differs (sha256 {actual}, expected {expected[name].get('sha256')})")
+            if path.stat().st_size != expected[name].size or actual != expected[name].sha256:
+                problems.append(f"{name}: differs (sha256 {actual}, expected {expected[name].sha256})")
     problems += [f"{name}: extra file not in the manifest" for name in sorted(present - set(expected))]
     return problems

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from reprolora import __version__, pins
+from reprolora.reprotest import VARIATIONS as REPROTEST_VARIATIONS  # standard library only: no torch yet
 from reprolora.errors import ReproloraError
 
 
@@ -72,12 +73,64 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    config = _config_with_overrides(args)
-    pins.apply(config.profile, config.threads)
-    from reprolora.model import toolchain
+    from reprolora import manifest
 
-    report = {"pins": pins.describe(), "overridden_by_pins": pins.overridden(), "toolchain": toolchain()}
-    print(json.dumps(report, indent=2, sort_keys=True))
+    if args.against:
+        if args.config:
+            raise ReproloraError("--against takes the pins from the adapter's manifest; leave out -c/--config")
+        recorded = manifest.read(Path(args.against))
+        pins.apply(recorded.pins.profile, recorded.pins.threads)
+    else:
+        config = _config_with_overrides(args)
+        pins.apply(config.profile, config.threads)
+    from reprolora import fingerprint
+
+    report = fingerprint.collect()
+    if args.against:
+        report["against"] = fingerprint.against(report, recorded)
+    print(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) if args.json else fingerprint.render(report))
+    return 1 if args.against and not report["against"]["same"] else 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from reprolora import diff
+
+    result = diff.diff(Path(args.a), Path(args.b))
+    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json else diff.render(result))
+    return 0 if result.identical else 1
+
+
+def cmd_reprotest(args: argparse.Namespace) -> int:
+    from reprolora import reprotest
+
+    if args.quick and (args.config or args.base_model or args.dataset):
+        raise ReproloraError("--quick trains the built-in tiny job; leave out -c, --base-model and --dataset")
+    variations = reprotest.parse_variations(args.variations)
+    work, clean = reprotest.make_workdir(args.keep)
+    try:
+        train_args = reprotest.quick_job(work) if args.quick else reprotest.job(args.config, args.base_model, args.dataset)
+        if not args.json:
+            print(reprotest.header(), flush=True)
+        rows = reprotest.run(train_args, variations, work,
+                             report=(lambda row: None) if args.json else (lambda row: print(reprotest.format_row(row), flush=True)))
+    finally:
+        clean()
+    if args.json:
+        print(json.dumps(reprotest.rows_to_dicts(rows), indent=2, ensure_ascii=False))
+    bad = [row for row in rows if row.result in ("different", "failed")]
+    skipped = [row.variation for row in rows if row.result == "skipped"]
+    summary = f"{len(rows) - len(bad) - len(skipped)} of {len(rows)} variations gave the reference bytes"
+    if skipped:
+        summary += f"; skipped here: {', '.join(skipped)}"
+    print(f"reprolora: reprotest: {summary}" + (f"; {len(bad)} did not" if bad else ""), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reprolora import report
+
+    report.write([Path(folder) for folder in args.folders], Path(args.output))
+    print(f"reprolora: wrote {args.output}", file=sys.stderr)
     return 0
 
 
@@ -229,10 +282,49 @@ def parser() -> argparse.ArgumentParser:
     prepare.add_argument("-o", "--output", help="folder to write (default: in the cache, $REPROLORA_CACHE or ~/.cache/reprolora)")
     prepare.set_defaults(run=cmd_prepare)
 
-    fingerprint = commands.add_parser("fingerprint", help="print the pins, the environment they override and the toolchain",
-                                      description="Apply a config's determinism pins and print what fixes the numerics of this machine.")
+    fingerprint = commands.add_parser("fingerprint", help="what in this environment decides the bits, and what threatens them",
+                                      description="Apply a config's determinism pins (or, with --against, those of adapter A) and "
+                                                  "print the CPU and its ISA flags, the capability torch runs at and the one it "
+                                                  "would pick, BLAS and oneDNN, threads, the toolchain, the pins and what they "
+                                                  "replaced, and warnings. --against A: exit 1 when a rebuild here should not "
+                                                  "give A's bytes, saying why.")
     job_options(fingerprint)
+    fingerprint.add_argument("--against", metavar="A", help="compare with the environment that built adapter folder A")
+    fingerprint.add_argument("--json", action="store_true", help="print the report as JSON")
     fingerprint.set_defaults(run=cmd_fingerprint)
+
+    diff = commands.add_parser("diff", help="where and how much two adapter folders differ, and the likely cause",
+                               description="Compare adapter folders A and B: each file, each tensor (differing elements, "
+                                           "max absolute and relative difference, max ULP distance), the manifests' "
+                                           "differences by group, the first step where the losses part, the first "
+                                           "differing probe token, and a one-line verdict. Exit 0 identical, 1 different, "
+                                           "2 bad input.")
+    diff.add_argument("a", metavar="A", help="adapter folder")
+    diff.add_argument("b", metavar="B", help="adapter folder")
+    diff.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    diff.set_defaults(run=cmd_diff)
+
+    reprotest = commands.add_parser("reprotest", help="train the same job under varied environments; a table of hashes",
+                                    description="Train the job once per variation, each in a fresh process (another "
+                                                "working directory, TZ, locales incl. Turkish, PYTHONHASHSEED, umask, HOME, "
+                                                "user-set thread and ISA variables, no network, a Nix-like empty "
+                                                "environment) and compare every adapter with the first, plain run. "
+                                                "Exit 1 on any difference or failed run.")
+    job_options(reprotest)
+    reprotest.add_argument("--quick", action="store_true", help="the built-in tiny model and job (seconds per run)")
+    reprotest.add_argument("--variations", help="comma-separated subset of: " + ", ".join(REPROTEST_VARIATIONS))
+    reprotest.add_argument("--keep", metavar="DIR", help="keep every run's adapter in DIR (must not exist)")
+    reprotest.add_argument("--json", action="store_true", help="print the table as JSON")
+    reprotest.set_defaults(run=cmd_reprotest)
+
+    report = commands.add_parser("report", help="one self-contained HTML page: hashes, metrics, loss curves, diff",
+                                 description="Write one HTML page about adapter folders A [B ...]: each run's hashes, inputs, "
+                                             "toolchain, pins, metrics and probe answers, the loss curves overlaid (inline "
+                                             "SVG), and the diff of each run against the first. Opens without the network; "
+                                             "same folders, same bytes.")
+    report.add_argument("folders", nargs="+", metavar="A", help="adapter folder")
+    report.add_argument("-o", "--output", default="report.html", help="the page to write (default: report.html)")
+    report.set_defaults(run=cmd_report)
 
     infer = commands.add_parser("infer", help="answer a prompt greedily with an adapter, or replay its golden probes",
                                 description="Check every hash of ADAPTER's manifest and of its base model, apply the "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprolora import adapter, base_model, pins
+from reprolora import adapter, base_model, manifest, pins
 from reprolora.canonical import sha256_file
 from reprolora.errors import ReproloraError
 
@@ -25,7 +25,7 @@ class Model:
     """A loaded adapter on its base model, ready for greedy decoding. Not thread-safe: serialise calls."""
 
     folder: Path
-    manifest: dict[str, Any]
+    manifest: manifest.Manifest
     manifest_sha256: str
     base_folder: Path
     causal_lm: Any  # the base model with the LoRA layers injected, as it was at training
@@ -49,20 +49,11 @@ class ProbeCheck:
     message: str
 
 
-def manifest_pins(manifest: dict[str, Any], where: str) -> tuple[str, int]:
-    """The (profile, threads) the adapter was trained under."""
-    recorded = manifest.get("pins")
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("profile"), str) or not isinstance(recorded.get("threads"), int):
-        raise ReproloraError(f"{where}: manifest has no pins (profile, threads)")
-    return recorded["profile"], recorded["threads"]
-
-
-def base_model_folder(manifest: dict[str, Any], base_dir: Path | None, where: str) -> Path:
+def base_model_folder(recorded: manifest.Manifest, base_dir: Path | None, where: str) -> Path:
     """The base model folder, checked file by file against the hashes the manifest recorded at training."""
-    recorded = manifest.get("inputs", {}).get("base_model", {})
-    expected = recorded.get("files")
-    name = recorded.get("name", "?")
-    if not isinstance(expected, dict) or not expected:
+    expected = recorded.inputs.base_model.files
+    name = recorded.inputs.base_model.name
+    if not expected:
         raise ReproloraError(f"{where}: manifest records no base model files")
     if base_dir is None:
         # The default model can be found (or rebuilt) without the user naming it; any other one can't.
@@ -77,23 +68,22 @@ def base_model_folder(manifest: dict[str, Any], base_dir: Path | None, where: st
     return base_dir
 
 
-def check_inputs(folder: Path, base_dir: Path | None = None) -> tuple[dict[str, Any], Path]:
+def check_inputs(folder: Path, base_dir: Path | None = None) -> tuple[manifest.Manifest, Path]:
     """Every hash of the adapter folder and of its base model holds; returns the manifest and the base folder."""
-    problems = adapter.verify(folder)
+    recorded = manifest.read(folder)
+    problems = adapter.check_files(folder, recorded)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ReproloraError(f"{folder}/{problems[0]}{more}; refusing to load an adapter that is not what its manifest says")
-    manifest = adapter.read_manifest(folder)
-    return manifest, base_model_folder(manifest, base_dir, str(folder))
+    return recorded, base_model_folder(recorded, base_dir, str(folder))
 
 
 def load(folder: Path, base_dir: Path | None = None) -> Model:
     """Check every hash, apply the adapter's own pins, then load base model + adapter in eval mode."""
     started = time.perf_counter()
     folder = Path(folder)
-    manifest, base_folder = check_inputs(folder, base_dir)
-    profile, threads = manifest_pins(manifest, str(folder))
-    pins.apply(profile, threads)  # before torch is imported: the pins act when it loads
+    recorded, base_folder = check_inputs(folder, base_dir)
+    pins.apply(recorded.pins.profile, recorded.pins.threads)  # before torch is imported: the pins act when it loads
 
     import warnings
 
@@ -110,7 +100,7 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     peft_model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     peft_model.eval()
     # Keep the model inside the PeftModel (LoRA layers injected): training decoded its probes with that very object.
-    return Model(folder, manifest, sha256_file(folder / adapter.MANIFEST), base_folder,
+    return Model(folder, recorded, sha256_file(folder / manifest.FILENAME), base_folder,
                  peft_model.get_base_model(), tokenizer, time.perf_counter() - started)
 
 
@@ -141,14 +131,14 @@ def _describe_token(tokenizer: Any, token_id: int | None) -> str:
 
 def check_probes(model: Model) -> list[ProbeCheck]:
     """Replay the golden probes of the manifest; each must give the same token ids and the same logits hash."""
-    probes = model.manifest.get("probes")
-    if not isinstance(probes, dict) or not probes.get("results"):
+    probes = model.manifest.probes
+    if not probes.results:
         raise ReproloraError(f"{model.folder}: manifest has no golden probes to replay")
     results = []
-    for number, probe in enumerate(probes["results"], start=1):
-        prompt = probe["prompt"]
-        got = complete(model, prompt, int(probes["max_new_tokens"]))
-        expected_ids: list[int] = probe["token_ids"]
+    for number, probe in enumerate(probes.results, start=1):
+        prompt = probe.prompt
+        got = complete(model, prompt, probes.max_new_tokens)
+        expected_ids = probe.token_ids
         label = f"probe {number} {prompt!r}"
         if got.token_ids != expected_ids:
             index = next((i for i, (a, b) in enumerate(zip(expected_ids, got.token_ids)) if a != b),
@@ -158,9 +148,9 @@ def check_probes(model: Model) -> list[ProbeCheck]:
             message = (f"{label}: first differing token at index {index}: expected {_describe_token(model.tokenizer, want)}, "
                        f"got {_describe_token(model.tokenizer, have)}")
             results.append(ProbeCheck(prompt, False, message))
-        elif got.logits_sha256 != probe["logits_sha256"]:
+        elif got.logits_sha256 != probe.logits_sha256:
             results.append(ProbeCheck(prompt, False, f"{label}: same {len(got.token_ids)} tokens but the logits differ "
-                                                     f"(sha256 {got.logits_sha256}, expected {probe['logits_sha256']})"))
+                                                     f"(sha256 {got.logits_sha256}, expected {probe.logits_sha256})"))
         else:
             results.append(ProbeCheck(prompt, True, f"{label}: {len(got.token_ids)} tokens and logits identical"))
     return results
@@ -171,12 +161,12 @@ def environment_differences(model: Model) -> list[str]:
     from reprolora.model import toolchain
 
     notes = []
-    recorded = model.manifest.get("pins", {})
+    recorded = model.manifest.pins.to_dict()
     current = pins.describe()
     for key in ("machine", "cpu_capability", "blas"):
         if recorded.get(key) != current.get(key):
             notes.append(f"{key} is {current.get(key)!r} here, {recorded.get(key)!r} at training")
-    trained_with = model.manifest.get("toolchain", {})
+    trained_with = model.manifest.toolchain
     for name, version in sorted(toolchain().items()):
         if name in trained_with and trained_with[name] != version:
             notes.append(f"{name} is {version} here, {trained_with[name]} at training")

@@ -235,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
             return 200, _json({"object": "list", "data": [{
                 "id": model.id, "object": "model", "created": self.server.started, "owned_by": "reprolora",
                 "manifest_sha256": model.manifest_sha256,
-                "base_model": model.manifest.get("inputs", {}).get("base_model", {}).get("name"),
+                "base_model": model.manifest.inputs.base_model.name,
             }]}), "application/json"
         prompt, max_tokens, stops = parse_completion_request(self._read_body(), model.id, self.server.limits)
         return 200, _json(self.server.complete(prompt, max_tokens, stops)), "application/json"

@@ -1,0 +1,333 @@
+"""`reprolora diff A B`: where two adapter folders differ, by how much, and the most likely cause.
+
+Reads both manifests (reprolora.manifest) and the tensors of every safetensors file both folders hold. Tensors
+are read with numpy straight from the safetensors header, bits and all, so a diff needs no torch and no pins.
+The verdict ranks the manifest's differences: a different base model or dataset first, then the job's config,
+then the pins the job chose (profile, threads), then the toolchain, then the machine (CPU capability, BLAS):
+the earlier a difference sits in that order, the more surely it alone changes every bit after it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reprolora import manifest
+from reprolora.canonical import sha256_file
+from reprolora.errors import ReproloraError
+
+# safetensors dtype -> (numpy dtype of the stored bits, float dtype to compare values in, or None for integers)
+_DTYPES: dict[str, tuple[str, str | None]] = {
+    "F64": ("<u8", "<f8"), "F32": ("<u4", "<f4"), "F16": ("<u2", "<f2"), "BF16": ("<u2", None),
+    "I64": ("<i8", None), "I32": ("<i4", None), "I16": ("<i2", None), "I8": ("i1", None), "U8": ("u1", None),
+    "BOOL": ("u1", None),
+}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+# Config keys that are the job's pins rather than its recipe; they are reported under "pins".
+_PIN_CONFIG_KEYS = ("profile", "threads")
+# Friendlier names for the config keys a verdict most often names.
+_CAUSE_NAMES = {"seed": "another seed", "train.learning_rate": "another learning rate", "train.epochs": "another epoch count",
+                "train.max_steps": "another step count", "train.batch_size": "another batch size",
+                "lora.r": "another LoRA rank", "lora.target_modules": "other LoRA target modules"}
+GROUPS = ("inputs", "config", "toolchain", "pins", "metrics")
+
+
+@dataclass(frozen=True)
+class FileDiff:
+    name: str
+    status: str  # "identical", "differs", "only in A", "only in B"
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    file: str
+    name: str
+    status: str  # "identical", "differs", "shape", "dtype", "only in A", "only in B"
+    shape: list[int] | None = None
+    dtype: str | None = None
+    elements: int = 0
+    differing: int = 0
+    max_abs: float | None = None
+    max_rel: float | None = None
+    max_ulp: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Change:
+    group: str  # one of GROUPS
+    key: str  # dotted path inside the group, e.g. "train.learning_rate"
+    a: Any
+    b: Any
+
+
+@dataclass
+class Diff:
+    a: str
+    b: str
+    identical: bool
+    verdict: str
+    files: list[FileDiff] = field(default_factory=list)
+    tensors: list[TensorDiff] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    loss_divergence: dict[str, Any] | None = None  # first step where the loss traces differ
+    probes: list[dict[str, Any]] = field(default_factory=list)  # the probes whose answers differ
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------------
+
+def read_safetensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """name -> (dtype, shape, raw little-endian bytes), from the file's own header."""
+    data = path.read_bytes()
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        start = 8 + length
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            tensors[name] = (info["dtype"], list(info["shape"]), data[start + begin : start + end])
+        return tensors
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise ReproloraError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def _ordered(bits: np.ndarray, width: int) -> np.ndarray:
+    """IEEE bits as integers that count ULPs: adjacent floats differ by one, -0 and +0 are both 0."""
+    bits = bits.astype(np.uint64)
+    sign = bits >> np.uint64(width - 1)
+    magnitude = (bits & np.uint64((1 << (width - 1)) - 1)).astype(np.int64)
+    return np.where(sign == 1, -magnitude, magnitude)
+
+
+def _values(dtype: str, bits: np.ndarray) -> np.ndarray:
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return bits.view(_DTYPES[dtype][1]).astype(np.float64)
+
+
+def compare_tensor(file: str, name: str, a: tuple[str, list[int], bytes], b: tuple[str, list[int], bytes]) -> TensorDiff:
+    (dtype_a, shape_a, raw_a), (dtype_b, shape_b, raw_b) = a, b
+    if dtype_a != dtype_b:
+        return TensorDiff(file, name, "dtype", shape_a, dtype_a, detail=f"dtype {dtype_a} -> {dtype_b}")
+    if shape_a != shape_b:
+        return TensorDiff(file, name, "shape", shape_a, dtype_a, detail=f"shape {shape_a} -> {shape_b}")
+    elements = int(np.prod(shape_a)) if shape_a else 1
+    if raw_a == raw_b:
+        return TensorDiff(file, name, "identical", shape_a, dtype_a, elements)
+    if dtype_a not in _DTYPES:
+        return TensorDiff(file, name, "differs", shape_a, dtype_a, elements, detail=f"bytes differ (dtype {dtype_a} not compared)")
+    storage = _DTYPES[dtype_a][0]
+    bits_a, bits_b = np.frombuffer(raw_a, dtype=storage), np.frombuffer(raw_b, dtype=storage)
+    mask = bits_a != bits_b
+    differing = int(mask.sum())
+    if dtype_a not in _FLOATS:
+        delta = np.abs(bits_a[mask].astype(np.float64) - bits_b[mask].astype(np.float64))
+        return TensorDiff(file, name, "differs", shape_a, dtype_a, elements, differing, float(delta.max()))
+    va, vb = _values(dtype_a, bits_a[mask]), _values(dtype_a, bits_b[mask])
+    finite = np.isfinite(va) & np.isfinite(vb)
+    delta = np.abs(va[finite] - vb[finite])
+    scale = np.maximum(np.abs(va[finite]), np.abs(vb[finite]))
+    width = np.dtype(storage).itemsize * 8
+    ulps = np.abs(_ordered(bits_a[mask], width) - _ordered(bits_b[mask], width))
+    return TensorDiff(
+        file, name, "differs", shape_a, dtype_a, elements, differing,
+        max_abs=float(delta.max()) if delta.size else None,
+        max_rel=float(np.divide(delta, scale, out=np.zeros_like(delta), where=scale > 0).max()) if delta.size else None,
+        max_ulp=int(ulps.max()),
+        detail="" if finite.all() else f"{int((~finite).sum())} differing elements are NaN or infinite",
+    )
+
+
+def compare_tensors(file: str, a: Path, b: Path) -> list[TensorDiff]:
+    ta, tb = read_safetensors(a), read_safetensors(b)
+    result = []
+    for name in sorted(set(ta) | set(tb)):
+        if name not in tb:
+            result.append(TensorDiff(file, name, "only in A", ta[name][1], ta[name][0]))
+        elif name not in ta:
+            result.append(TensorDiff(file, name, "only in B", tb[name][1], tb[name][0]))
+        else:
+            result.append(compare_tensor(file, name, ta[name], tb[name]))
+    return result
+
+
+# ---- manifests --------------------------------------------------------------------------------------------------
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": leaf}; lists stay whole (a list is one value: an order, a trace, a set of names)."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key in value:
+            out.update(flatten(value[key], f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _changes(group: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
+    fa, fb = flatten(a), flatten(b)
+    missing = object()
+    return [Change(group, key, fa.get(key), fb.get(key)) for key in sorted(set(fa) | set(fb))
+            if fa.get(key, missing) != fb.get(key, missing)]
+
+
+def manifest_changes(ma: manifest.Manifest, mb: manifest.Manifest) -> list[Change]:
+    """The manifests' differences grouped as inputs / config / toolchain / pins / metrics."""
+    config_a = {k: v for k, v in ma.inputs.config.items() if k not in _PIN_CONFIG_KEYS}
+    config_b = {k: v for k, v in mb.inputs.config.items() if k not in _PIN_CONFIG_KEYS}
+    inputs_a = {"base_model": ma.inputs.base_model.to_dict(), "dataset": ma.inputs.dataset.to_dict()}
+    inputs_b = {"base_model": mb.inputs.base_model.to_dict(), "dataset": mb.inputs.dataset.to_dict()}
+    metrics_a = {**ma.metrics, "loss_trace_sha256": ma.loss_trace_sha256}
+    metrics_b = {**mb.metrics, "loss_trace_sha256": mb.loss_trace_sha256}
+    return (_changes("inputs", inputs_a, inputs_b) + _changes("config", config_a, config_b)
+            + _changes("toolchain", ma.toolchain, mb.toolchain) + _changes("pins", ma.pins.to_dict(), mb.pins.to_dict())
+            + _changes("metrics", metrics_a, metrics_b))
+
+
+def loss_divergence(a: list[float], b: list[float]) -> dict[str, Any] | None:
+    """The first optimizer step whose training loss differs (bit for bit), or None when the traces are equal."""
+    for step, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return {"step": step, "a": x, "b": y}
+    if len(a) != len(b):
+        step = min(len(a), len(b))
+        return {"step": step, "a": a[step] if step < len(a) else None, "b": b[step] if step < len(b) else None}
+    return None
+
+
+def probe_differences(ma: manifest.Manifest, mb: manifest.Manifest) -> list[dict[str, Any]]:
+    """For each probe whose answer differs: the first token index where the two answers part."""
+    out = []
+    by_prompt = {p.prompt: p for p in mb.probes.results}
+    for number, pa in enumerate(ma.probes.results, start=1):
+        pb = by_prompt.get(pa.prompt)
+        if pb is None:
+            out.append({"probe": number, "prompt": pa.prompt, "index": None, "detail": "prompt only in A"})
+            continue
+        if pa.token_ids != pb.token_ids:
+            index = next((i for i, (x, y) in enumerate(zip(pa.token_ids, pb.token_ids)) if x != y),
+                         min(len(pa.token_ids), len(pb.token_ids)))
+            out.append({"probe": number, "prompt": pa.prompt, "index": index,
+                        "a": pa.token_ids[index] if index < len(pa.token_ids) else None,
+                        "b": pb.token_ids[index] if index < len(pb.token_ids) else None,
+                        "detail": f"first differing token at index {index}"})
+        elif pa.logits_sha256 != pb.logits_sha256:
+            out.append({"probe": number, "prompt": pa.prompt, "index": None,
+                        "detail": f"same {len(pa.token_ids)} tokens, other logits"})
+    known = {p.prompt for p in ma.probes.results}
+    out += [{"probe": None, "prompt": p.prompt, "index": None, "detail": "prompt only in B"}
+            for p in mb.probes.results if p.prompt not in known]
+    return out
+
+
+def shorten(value: Any, width: int = 48) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def verdict(changes: list[Change], identical: bool) -> str:
+    """One line naming the most likely cause, from the ranked manifest differences."""
+    if identical:
+        return "identical: every file has the same bytes"
+    by_group: dict[str, list[Change]] = {}
+    for change in changes:
+        by_group.setdefault(change.group, []).append(change)
+    keys = {group: [c.key for c in items] for group, items in by_group.items()}
+
+    identity = [k for k in keys.get("inputs", []) if k.startswith("base_model.") or k in ("dataset.sha256", "dataset.name")]
+    if any(k.startswith("base_model.") for k in identity):
+        return f"different: another base model (inputs: {', '.join(k for k in identity if k.startswith('base_model.'))[:80]})"
+    if "dataset.sha256" in identity:
+        return "different: another dataset (inputs: dataset.sha256)"
+    if keys.get("config"):
+        named = [_CAUSE_NAMES[k] for k in keys["config"] if k in _CAUSE_NAMES]
+        cause = named[0] if named else "another config"
+        return f"different: {cause} (config: {', '.join(keys['config'])})"
+    job_pins = [k for k in keys.get("pins", []) if k in _PIN_CONFIG_KEYS]
+    if job_pins:
+        what = {"threads": "other thread count", "profile": "other determinism profile"}[job_pins[0]]
+        change = next(c for c in by_group["pins"] if c.key == job_pins[0])
+        return f"different: same inputs and config, {what} (pins: {job_pins[0]} {change.a} -> {change.b})"
+    if keys.get("toolchain"):
+        names = keys["toolchain"]
+        lead = "torch" if "torch" in names else names[0]
+        change = next(c for c in by_group["toolchain"] if c.key == lead)
+        return f"different: another {lead} (toolchain: {lead} {change.a} -> {change.b}; same inputs and config)"
+    machine = [k for k in keys.get("pins", []) if k in ("cpu_capability", "blas", "machine") or k.startswith("environment.")]
+    if machine:
+        key = "cpu_capability" if "cpu_capability" in machine else machine[0]
+        change = next(c for c in by_group["pins"] if c.key == key)
+        what = {"cpu_capability": "other ISA pin", "blas": "other BLAS", "machine": "other CPU architecture"}.get(key, "other pinned environment")
+        return f"different: same inputs, config and toolchain, {what} (pins: {key} {change.a} -> {change.b})"
+    if keys.get("inputs"):
+        return f"different: other inputs (inputs: {', '.join(keys['inputs'])})"
+    return ("different: same inputs, config, toolchain and pins, yet other bytes: a source of nondeterminism the "
+            "pins do not cover (please report it)")
+
+
+def diff(a: Path, b: Path) -> Diff:
+    """Compare adapter folders `a` and `b` (ReproloraError when either is not one)."""
+    a, b = Path(a), Path(b)
+    ma, mb = manifest.read(a), manifest.read(b)
+    names_a = {p.name for p in a.iterdir() if p.is_file()}
+    names_b = {p.name for p in b.iterdir() if p.is_file()}
+    files, tensors = [], []
+    for name in sorted(names_a | names_b):
+        if name not in names_b:
+            files.append(FileDiff(name, "only in A"))
+        elif name not in names_a:
+            files.append(FileDiff(name, "only in B"))
+        else:
+            same = sha256_file(a / name) == sha256_file(b / name)
+            files.append(FileDiff(name, "identical" if same else "differs"))
+            if name.endswith(".safetensors"):
+                tensors += compare_tensors(name, a / name, b / name)
+    identical = all(f.status == "identical" for f in files)
+    changes = manifest_changes(ma, mb)
+    return Diff(str(a), str(b), identical, verdict(changes, identical), files, tensors, changes,
+                loss_divergence(ma.loss_trace, mb.loss_trace), probe_differences(ma, mb))
+
+
+def render(d: Diff) -> str:
+    """The diff as text for a terminal."""
+    lines = [f"A: {d.a}", f"B: {d.b}", "files:"]
+    lines += [f"  {f.name:<32} {f.status}" for f in d.files]
+    changed = [t for t in d.tensors if t.status != "identical"]
+    if d.tensors:
+        lines.append(f"tensors: {len(changed)} of {len(d.tensors)} differ")
+    if changed:
+        width = max(len(t.name) for t in changed)
+        lines.append(f"  {'name':<{width}} {'differing':>12} {'max |a-b|':>10} {'max rel':>10} {'max ULP':>10}")
+        for t in changed:
+            if t.status == "differs":
+                fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+                lines.append(f"  {t.name:<{width}} {f'{t.differing}/{t.elements}':>12} {fmt(t.max_abs):>10} "
+                             f"{fmt(t.max_rel):>10} {'-' if t.max_ulp is None else t.max_ulp:>10}" + (f"  {t.detail}" if t.detail else ""))
+            else:
+                lines.append(f"  {t.name:<{width}} {t.status}" + (f": {t.detail}" if t.detail else ""))
+    for group in GROUPS:
+        items = [c for c in d.changes if c.group == group]
+        if items:
+            lines.append(f"{group}:")
+            lines += [f"  {c.key}: {shorten(c.a)} -> {shorten(c.b)}" for c in items]
+    if d.loss_divergence:
+        ld = d.loss_divergence
+        lines.append(f"loss: the traces first differ at step {ld['step']}: {ld['a']!r} vs {ld['b']!r}")
+    elif not d.identical:
+        lines.append("loss: the traces are identical")
+    for p in d.probes:
+        where = f"probe {p['probe']}" if p["probe"] else "probe"
+        tokens = f" ({p['a']} vs {p['b']})" if p.get("index") is not None else ""
+        lines.append(f"{where} {p['prompt']!r}: {p['detail']}{tokens}")
+    lines.append(f"verdict: {d.verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""`reprolora diff`: identical folders, and adapters that differ by one thing each, trained on the tiny job."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+from conftest import run_cli
+from reprolora import diff
+
+
+@pytest.fixture(scope="module")
+def train_variant(tiny_base_model, tiny_dataset, tmp_path_factory):
+    """Train the tiny job with one line of its config replaced; returns the adapter folder."""
+
+    def train(old: str, new: str) -> Path:
+        assert old in tiny.CONFIG
+        folder = tmp_path_factory.mktemp("variant")
+        (folder / "job.toml").write_text(tiny.CONFIG.replace(old, new))
+        run_cli("train", "-q", "-c", str(folder / "job.toml"), "--base-model", str(tiny_base_model),
+                "--dataset", str(tiny_dataset), "-o", str(folder / "adapter"))
+        return folder / "adapter"
+
+    return train
+
+
+def diff_json(a: Path, b: Path, expect_rc: int) -> dict:
+    result = run_cli("diff", "--json", str(a), str(b), check=False)
+    assert result.returncode == expect_rc, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_folder_with_itself_is_identical(tiny_adapter, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_adapter, copy)
+    result = run_cli("diff", str(tiny_adapter), str(copy))
+    assert result.stdout.strip().splitlines()[-1] == "verdict: identical: every file has the same bytes"
+    report = diff_json(tiny_adapter, copy, 0)
+    assert report["identical"] and not report["changes"] and report["loss_divergence"] is None
+    assert report["tensors"] and all(t["status"] == "identical" for t in report["tensors"])
+
+
+def test_another_seed(tiny_adapter, train_variant):
+    other = train_variant("seed = 42", "seed = 7")
+    report = diff_json(tiny_adapter, other, 1)
+    assert report["verdict"] == "different: another seed (config: seed)"
+    differing = [t for t in report["tensors"] if t["status"] == "differs"]
+    assert differing and all(t["name"].endswith(("lora_A.weight", "lora_B.weight")) for t in differing)
+    assert all(t["differing"] > 0 and t["max_abs"] > 0 and t["max_ulp"] > 0 for t in differing)
+    # The first step's loss differs too: the seed also picks the split, the order and the dropout masks.
+    assert report["loss_divergence"]["step"] == 0
+    assert report["loss_divergence"]["a"] != report["loss_divergence"]["b"]
+    assert {"group": "config", "key": "seed", "a": 42, "b": 7} in report["changes"]
+    text = run_cli("diff", str(tiny_adapter), str(other), check=False).stdout
+    assert "loss: the traces first differ at step 0" in text and "seed: 42 -> 7" in text
+
+
+def test_another_learning_rate(tiny_adapter, train_variant):
+    other = train_variant("learning_rate = 0.02", "learning_rate = 0.01")
+    report = diff_json(tiny_adapter, other, 1)
+    assert report["verdict"] == "different: another learning rate (config: train.learning_rate)"
+    # Same seed, same init, same first batch: the first loss is equal, the second is not (lr acts after step 0).
+    assert report["loss_divergence"]["step"] == 1
+    assert not [c for c in report["changes"] if c["group"] in ("inputs", "toolchain", "pins")]
+
+
+def test_another_thread_count(tiny_adapter, train_variant):
+    other = train_variant("threads = 2", "threads = 1")
+    report = diff_json(tiny_adapter, other, 1)
+    assert "pins: threads 2 -> 1" in report["verdict"], report["verdict"]
+    assert {"group": "pins", "key": "threads", "a": 2, "b": 1} in report["changes"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_adapter, tmp_path):
+    result = run_cli("diff", str(tiny_adapter), str(tmp_path / "nowhere"), check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"reprolora: error: {tmp_path / 'nowhere'}: adapter folder not found"
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_adapter, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["pins"]["threads"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("diff", str(tiny_adapter), str(broken), check=False)
+    assert result.returncode == 2 and "pins.threads is missing" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _f32(values: list[float]) -> tuple[str, list[int], bytes]:
+    return ("F32", [len(values)], np.array(values, dtype="<f4").tobytes())
+
+
+def test_tensor_statistics_count_ulps():
+    one_ulp = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    same = diff.compare_tensor("f", "t", _f32([1.0, 2.0]), _f32([1.0, 2.0]))
+    assert same.status == "identical" and same.elements == 2
+    t = diff.compare_tensor("f", "t", _f32([1.0, 2.0, -0.0, 3.0]), _f32([one_ulp, 2.0, 0.0, -3.0]))
+    assert t.status == "differs" and t.differing == 3 and t.elements == 4
+    assert t.max_abs == 6.0 and t.max_rel == 2.0
+    # 1.0 -> next float is 1 ULP, -0 -> +0 is 0 ULPs (different bits, same value), 3 -> -3 spans both signs.
+    assert t.max_ulp == 2 * struct.unpack("<i", struct.pack("<f", 3.0))[0]
+    assert diff.compare_tensor("f", "t", _f32([1.0]), _f32([1.0, 2.0])).status == "shape"
