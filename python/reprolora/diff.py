@@ -294,7 +294,10 @@ def diff(a: Path, b: Path) -> Diff:
                 tensors += compare_tensors(name, a / name, b / name)
     identical = all(f.status == "identical" for f in files)
     changes = manifest_changes(ma, mb)
-    return Diff(str(a), str(b), identical, verdict(changes, identical), files, tensors, changes,
+    line = verdict(changes, identical)
+    if not identical and all(f.status == "identical" for f in files if f.name != manifest.FILENAME):
+        line = line.replace("different: ", "different (the adapter files are identical, the manifest is not): ", 1)
+    return Diff(str(a), str(b), identical, line, files, tensors, changes,
                 loss_divergence(ma.loss_trace, mb.loss_trace), probe_differences(ma, mb))
 
 

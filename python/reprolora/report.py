@@ -19,9 +19,10 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; } h3 { margin-bottom: .3em; }
-table { border-collapse: collapse; margin: .5em 0 1em; } td, th { border: 1px solid #ddd; padding: .2em .6em;
-  text-align: left; vertical-align: top; } th { background: #f3f3f3; }
-code, .hash { font-family: ui-monospace, monospace; font-size: .92em; word-break: break-all; }
+table { border-collapse: collapse; margin: .5em 0 1em; max-width: 100%; } th { background: #f3f3f3; }
+td, th { border: 1px solid #ddd; padding: .2em .6em; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+code, .hash { font-family: ui-monospace, monospace; font-size: .92em; } .hash { word-break: break-all; }
+table.wide { width: 100%; table-layout: fixed; } td:first-child { overflow-wrap: normal; }
 .same { color: #2a7a2a; font-weight: bold; } .differs { color: #b02020; font-weight: bold; }
 .verdict { font-size: 1.15em; padding: .6em .8em; background: #f6f6f6; border-left: 4px solid #888; }
 .swatch { display: inline-block; width: 1em; height: .6em; margin-right: .4em; }
@@ -33,8 +34,9 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...] | None = None) -> str:
-    out = ["<table>"]
+def _table(rows: list[tuple[Any, ...]], head: tuple[str, ...] | None = None, widths: tuple[int, ...] = ()) -> str:
+    """An HTML table; `widths` (percent per column) fixes the layout of a table whose cells hold long values."""
+    out = ['<table class="wide">' + "".join(f'<col style="width:{w}%">' for w in widths)] if widths else ["<table>"]
     if head:
         out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
     for row in rows:
@@ -135,7 +137,7 @@ def _diff_section(label_a: str, label_b: str, d: diff.Diff) -> str:
     if d.changes:
         parts.append("<h3>Manifest differences</h3>")
         parts.append(_table([(_e(c.group), f"<code>{_e(c.key)}</code>", _e(diff.shorten(c.a, 80)), _e(diff.shorten(c.b, 80)))
-                             for c in d.changes], ("group", "key", label_a, label_b)))
+                             for c in d.changes], ("group", "key", label_a, label_b), widths=(9, 23, 34, 34)))
     if d.loss_divergence:
         ld = d.loss_divergence
         parts.append(f"<p>The loss traces first differ at step {ld['step']}: {_e(ld['a'])} vs {_e(ld['b'])}.</p>")
