@@ -52,12 +52,6 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"can't write {type(value).__name__} to adapter_config.json")
 
 
-def write_manifest(folder: Path, body: dict[str, Any]) -> None:
-    """manifest.json: `body` (every manifest key but format and files) plus the sha256 and size of every file
-    already in `folder`. Goes through the typed manifest, so a missing or mistyped key fails here, at training."""
-    manifest.write(folder, manifest.from_dict({"format": manifest.FORMAT, "files": {}, **body}))
-
-
 def verify(folder: Path) -> list[str]:
     """Every problem with `folder` against its manifest (empty when every hash holds)."""
     return check_files(folder, manifest.read(folder))

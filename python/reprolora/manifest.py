@@ -93,6 +93,18 @@ class Pins:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """What fixes the bytes of a job: inputs by content, config, toolchain, pins. A checkpoint must match it."""
+
+    inputs: Inputs
+    toolchain: dict[str, str]
+    pins: Pins
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs.to_dict(), "toolchain": dict(self.toolchain), "pins": self.pins.to_dict()}
+
+
+@dataclass(frozen=True)
 class Probe:
     prompt: str
     token_ids: list[int]
@@ -137,6 +149,20 @@ _TOP_KEYS = ("format", "files", "inputs", "toolchain", "pins", "metrics", "loss_
 _PIN_KEYS = ("profile", "threads", "machine", "environment", "cpu_capability", "blas")
 
 
+def pins_from_dict(raw: dict[str, Any]) -> Pins:
+    """Pins from reprolora.pins.describe()'s dict."""
+    try:
+        return _pins(raw)
+    except _Invalid as e:
+        raise ReproloraError(f"pins: {e}") from None
+
+
+def _pins(pins: Any) -> Pins:
+    return Pins(_get(pins, "profile", str, "pins"), _get(pins, "threads", int, "pins"), _get(pins, "machine", str, "pins"),
+                _get(pins, "environment", dict, "pins"), _get(pins, "cpu_capability", str, "pins"),
+                _get(pins, "blas", str, "pins"), {k: v for k, v in pins.items() if k not in _PIN_KEYS})
+
+
 def from_dict(raw: Any) -> Manifest:
     """The typed manifest of a parsed manifest.json; raises ReproloraError (without a path) when it is not one."""
     try:
@@ -174,9 +200,7 @@ def _from_dict(raw: Any) -> Manifest:
             config=_get(inputs, "config", dict, "inputs"),
         ),
         toolchain=_get(raw, "toolchain", dict, "manifest"),
-        pins=Pins(_get(pins, "profile", str, "pins"), _get(pins, "threads", int, "pins"), _get(pins, "machine", str, "pins"),
-                  _get(pins, "environment", dict, "pins"), _get(pins, "cpu_capability", str, "pins"),
-                  _get(pins, "blas", str, "pins"), {k: v for k, v in pins.items() if k not in _PIN_KEYS}),
+        pins=_pins(pins),
         metrics=_get(raw, "metrics", dict, "manifest"),
         loss_trace=_get(raw, "loss_trace", list, "manifest"),
         loss_trace_sha256=_get(raw, "loss_trace_sha256", str, "manifest"),

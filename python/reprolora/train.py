@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import adapter, base_model, checkpoint, dataset, distributed, families, pins
+from reprolora import adapter, base_model, checkpoint, dataset, distributed, families, manifest, pins
 from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.config import Config
 from reprolora.dataset import IGNORE, Tokenized
@@ -67,7 +67,7 @@ class Job:
     plan: list[list[list[int]]]  # step -> micro-batch -> example indices
     epoch_of_step: list[int]
     warmup: int
-    identity: dict[str, Any]  # see identity()
+    identity: manifest.Identity
 
     @property
     def causal_lm(self) -> Any:
@@ -79,23 +79,17 @@ class Job:
 
 
 def identity(config: Config, base: base_model.BaseModel, data: dataset.Dataset, train_idx: list[int],
-             eval_idx: list[int]) -> dict[str, Any]:
+             eval_idx: list[int]) -> manifest.Identity:
     """What fixes the bytes of a job: its inputs by content, its config, the toolchain and the pins. The manifest
     records it; a checkpoint must match it to be resumed."""
     resolved = config.to_dict()
     # The manifest names inputs by content, never by path.
     resolved["base_model"] = {"name": base.name}
     resolved["dataset"] = {**resolved["dataset"], "path": data.name}
-    return {
-        "inputs": {
-            "base_model": {"name": base.name, "files": base.hashes},
-            "dataset": {"name": data.name, "sha256": data.sha256, "examples": len(data.conversations),
-                        "train_indices": train_idx, "eval_indices": eval_idx},
-            "config": resolved,
-        },
-        "toolchain": toolchain(),
-        "pins": pins.describe(),
-    }
+    inputs = manifest.Inputs(manifest.BaseModel(base.name, base.hashes),
+                             manifest.Dataset(data.name, data.sha256, len(data.conversations), train_idx, eval_idx),
+                             resolved)
+    return manifest.Identity(inputs, toolchain(), manifest.pins_from_dict(pins.describe()))
 
 
 def seed_everything(seed: int) -> None:
@@ -311,7 +305,7 @@ def train(job: Job, state: TrainState, world: distributed.World, progress: bool,
                         epoch=job.epoch_of_step[state.step - 1])
         bar.update(1)
         if checkpoint_every and state.step % checkpoint_every == 0 and state.step < job.total_steps and world.is_main:
-            checkpoint.save(checkpoints, job.identity, state)
+            checkpoint.save(checkpoints, job.identity.to_dict(), state)
     bar.close()
     return seconds
 
@@ -334,22 +328,17 @@ def evaluate(job: Job) -> dict[str, float]:
     return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
 
 
-def golden_probes(job: Job) -> list[dict[str, Any]]:
+def golden_probes(job: Job) -> manifest.Probes:
     job.causal_lm.eval()
-    probes = []
+    results = []
     for prompt in job.config.probes.prompts:
         completion = greedy(job.causal_lm, job.tokenizer, prompt, job.config.probes.max_new_tokens)
-        probes.append({
-            "prompt": prompt,
-            "token_ids": completion.token_ids,
-            "text": completion.text,
-            "finish_reason": completion.finish_reason,
-            "logits_sha256": completion.logits_sha256,
-        })
-    return probes
+        results.append(manifest.Probe(prompt, completion.token_ids, completion.text, completion.finish_reason,
+                                      completion.logits_sha256))
+    return manifest.Probes(job.config.probes.max_new_tokens, results)
 
 
-def manifest_body(job: Job, state: TrainState, after: dict[str, float], probes: list[dict[str, Any]]) -> dict[str, Any]:
+def manifest_body(job: Job, state: TrainState, after: dict[str, float], probes: manifest.Probes) -> manifest.Manifest:
     before = state.eval_before
     metrics = {
         "eval_loss_before": before["loss"],
@@ -364,13 +353,8 @@ def manifest_body(job: Job, state: TrainState, after: dict[str, float], probes: 
         "train_tokens": sum(step_tokens(job, step) for step in range(state.step)),
         "trainable_parameters": sum(p.numel() for p in state.params.values()),
     }
-    return {
-        **job.identity,
-        "metrics": metrics,
-        "loss_trace": state.loss_trace,
-        "loss_trace_sha256": sha256_bytes(canonical_json(state.loss_trace)),
-        "probes": {"max_new_tokens": job.config.probes.max_new_tokens, "results": probes},
-    }
+    return manifest.Manifest({}, job.identity.inputs, job.identity.toolchain, job.identity.pins, metrics,
+                             state.loss_trace, sha256_bytes(canonical_json(state.loss_trace)), probes)
 
 
 def weights_sha256(state: TrainState) -> str:
@@ -386,7 +370,7 @@ def start(job: Job, out: Path, resume: bool) -> TrainState:
     state = initial_state(job)
     latest = checkpoint.newest(checkpoint.folder_for(out)) if resume else None
     if latest is not None:
-        checkpoint.load(latest, job.identity, state)
+        checkpoint.load(latest, job.identity.to_dict(), state)
         print(f"reprolora: resuming from {latest} (step {state.step} of {job.total_steps})", file=sys.stderr)
     else:
         if resume:
@@ -415,8 +399,8 @@ def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int 
         body = manifest_body(job, state, after, golden_probes(job))
         with publish_dir(out) as staging:
             adapter.write_adapter(job.peft_model, staging, job.base.name)
-            adapter.write_manifest(staging, body)
+            manifest.write(staging, body)
     finally:
         world.close()
-    metrics = body["metrics"]
+    metrics = body.metrics
     return Result(out, metrics, metrics["train_tokens"] / max(train_seconds, 1e-9), time.perf_counter() - started)
