@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from reprolora.errors import ReproloraError
@@ -140,15 +142,61 @@ def describe() -> dict[str, Any]:
     }
 
 
-def blas() -> str:
+def build_settings(config: str) -> dict[str, str]:
+    """The KEY=VALUE list on the "- Build settings:" line of `torch.__config__.show()`. Values may hold ", "
+    (compiler flags): a part that does not start a new KEY= belongs to the value before it."""
+    line = next((line for line in config.splitlines() if line.strip().startswith("- Build settings:")), "")
+    settings: dict[str, str] = {}
+    key = None
+    for part in line.split(":", 1)[-1].split(", "):
+        match = re.fullmatch(r"\s*([A-Z][A-Z0-9_]*)=(.*)", part, re.DOTALL)
+        if match:
+            key = match[1]
+            settings[key] = match[2].strip()
+        elif key is not None and part.strip():
+            settings[key] += ", " + part
+    return settings
+
+
+def blas_from_config(config: str) -> dict[str, str | None]:
+    """The BLAS a torch build says it was built with (its BLAS_INFO), and MKL's version where the text gives it.
+    Never guessed from other lines: "LAPACK is enabled (usually provided by MKL)" is printed by every build."""
+    name = build_settings(config).get("BLAS_INFO") or "unknown"
+    name = {"open": "openblas"}.get(name, name)  # torch's CMake calls OpenBLAS "open"
+    version = None
+    if name == "mkl":
+        found = re.search(r"Math Kernel Library Version (.+?)(?: for |$)", config, re.MULTILINE)
+        version = found[1].strip() if found else None
+    return {"name": name, "version": version}
+
+
+def _openblas_version() -> str | None:
+    """The version of the OpenBLAS loaded in this process (as threadpoolctl reads it): the library, whatever it
+    is called (libopenblas*, nixpkgs' libblas.so.3, or linked into torch), answers openblas_get_config()."""
+    import ctypes
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    paths = dict.fromkeys(line.split(None, 5)[-1] for line in maps.splitlines() if ".so" in line.rsplit("/", 1)[-1])
+    for path in sorted(paths, key=lambda p: "blas" not in p.rsplit("/", 1)[-1]):  # likely ones first
+        try:
+            get_config = ctypes.CDLL(path).openblas_get_config
+        except (OSError, AttributeError):
+            continue
+        get_config.restype = ctypes.c_char_p
+        words = (get_config() or b"").decode(errors="replace").split()
+        return words[1] if len(words) > 1 and words[0] == "OpenBLAS" else None
+    return None
+
+
+def blas() -> dict[str, str | None]:
+    """{"name", "version"} of the BLAS torch was built with: the version from torch's own config (MKL, linked in)
+    or from the library loaded in this process (OpenBLAS); None where neither tells."""
     import torch
 
-    config = torch.__config__.show()
-    for line in config.splitlines():
-        line = line.strip()
-        if line.startswith("BLAS_INFO="):
-            return line.split("=", 1)[1].strip(", ")
-    for candidate in ("mkl", "openblas", "accelerate", "blis"):
-        if candidate in config.lower():
-            return candidate
-    return "unknown"
+    found = blas_from_config(torch.__config__.show())
+    if found["name"] == "openblas":
+        found["version"] = _openblas_version()
+    return found
