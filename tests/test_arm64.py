@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -39,44 +40,62 @@ def _missing(root: Path) -> str | None:
     return None
 
 
+class Arm64:
+    """The arm64 root and the folder mounted at /work in it; runs commands there under qemu, timing each step."""
+
+    def __init__(self, root: Path, work: Path, pytestconfig: pytest.Config) -> None:
+        self.root, self.work = root, work
+        self._capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(self, line: str) -> None:
+        """Past pytest's capture: CI's log shows what emulation costs, step by step."""
+        with self._capture.global_and_fixture_disabled():
+            sys.stderr.write(f"\narm64: {line}\n")
+
+    def start(self, *command: str) -> subprocess.Popen:
+        return subprocess.Popen(["bash", str(RUN), str(self.root), str(self.work), *command],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, step: str, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+        """Run `commands` side by side (separate processes, so no effect on their bytes) and time them. CPU seconds
+        too: on a shared machine they say more than the wall clock."""
+        started, cpu = time.perf_counter(), _children_cpu_seconds()
+        processes = [self.start(*command) for command in commands]
+        results = []
+        for command, process in zip(commands, processes):
+            stdout, stderr = process.communicate(timeout=1800)
+            results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+        self.say(f"{step}: {time.perf_counter() - started:.1f} s wall, {_children_cpu_seconds() - cpu:.1f} s CPU")
+        return results
+
+    def reprolora(self, step: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+        result = self.run(step, ("python", "-m", "reprolora", *args))[0]
+        assert result.returncode == expect, f"{step}: exit {result.returncode}, expected {expect}:\n{result.stderr[-3000:]}"
+        return result
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 @pytest.fixture(scope="session")
-def arm64_root() -> Path:
-    root = subprocess.run(["bash", str(SETUP), "--path"], capture_output=True, text=True, check=True).stdout.strip()
-    problem = _missing(Path(root))
+def arm64(tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path, tmp_path_factory: pytest.TempPathFactory,
+          pytestconfig: pytest.Config) -> Arm64:
+    """The arm64 root, and a /work with the tiny job's inputs (made on x86_64, as a user would bring them):
+    model/, data.jsonl and one config per profile."""
+    root = Path(subprocess.run(["bash", str(SETUP), "--path"], capture_output=True, text=True, check=True).stdout.strip())
+    problem = _missing(root)
     if problem and os.environ.get("CI") == "true":
         pytest.fail(f"{problem}; CI must run the arm64 tests")
     if problem:
         pytest.skip(problem)
-    return Path(root)
-
-
-@pytest.fixture(scope="session")
-def arm64_work(arm64_root: Path, tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder mounted at /work in the root, with the tiny job's inputs (made on x86_64, as a user would bring
-    them): model/, data.jsonl and one config per profile."""
     work = tmp_path_factory.mktemp("arm64")
     shutil.copytree(tiny_base_model, work / "model")
     shutil.copy(tiny_dataset, work / "data.jsonl")
     for profile in PROFILES:
         (work / f"{profile}.toml").write_text(f'profile = "{profile}"\n' + tiny_config.read_text())
-    return work
-
-
-def emulated(root: Path, work: Path, step: str, *command: str) -> subprocess.CompletedProcess:
-    """Run `command` in the arm64 root (paths under /work are `work`), printing how long it took."""
-    started = time.perf_counter()
-    result = subprocess.run(["bash", str(RUN), str(root), str(work), *command], capture_output=True, text=True,
-                            timeout=900)
-    # Straight to the terminal, past pytest's capture: CI's log shows what emulation costs, step by step.
-    sys.__stderr__.write(f"\narm64: {step}: {time.perf_counter() - started:.1f} s\n")
-    return result
-
-
-def reprolora(root: Path, work: Path, step: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    result = emulated(root, work, step, "python", "-m", "reprolora", *args)
-    assert result.returncode == expect, f"{step}: exit {result.returncode}, expected {expect}:\n{result.stderr[-3000:]}"
-    return result
+    return Arm64(root, work, pytestconfig)
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -84,21 +103,24 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="session")
-def arm64_adapters(arm64_root: Path, arm64_work: Path) -> dict[str, list[Path]]:
-    """The tiny job trained twice under emulation with each profile, each run a fresh process."""
-    adapters: dict[str, list[Path]] = {}
-    for profile in PROFILES:
-        for run in ("a", "b"):
-            reprolora(arm64_root, arm64_work, f"train {profile} {run}", "train", "-q", "-c", f"/work/{profile}.toml",
-                      "--base-model", "/work/model", "--dataset", "/work/data.jsonl", "-o", f"/work/{profile}-{run}")
-            adapters.setdefault(profile, []).append(arm64_work / f"{profile}-{run}")
+def arm64_adapters(arm64: Arm64) -> dict[str, list[Path]]:
+    """The tiny job trained twice under emulation with each profile, each run a fresh process; the two profiles
+    side by side."""
+    adapters: dict[str, list[Path]] = {profile: [] for profile in PROFILES}
+    for run in ("a", "b"):
+        commands = [("python", "-m", "reprolora", "train", "-q", "-c", f"/work/{profile}.toml", "--base-model",
+                     "/work/model", "--dataset", "/work/data.jsonl", "-o", f"/work/{profile}-{run}") for profile in PROFILES]
+        for profile, result in zip(PROFILES, arm64.run(f"train native and portable ({run})", *commands)):
+            assert result.returncode == 0, f"train {profile} ({run}): exit {result.returncode}:\n{result.stderr[-3000:]}"
+            adapters[profile].append(arm64.work / f"{profile}-{run}")
     return adapters
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.arm64
 @pytest.mark.slow
-def test_trains_twice_to_the_same_bytes(arm64_adapters: dict[str, list[Path]], tiny_adapter: Path, profile: str) -> None:
+def test_trains_twice_to_the_same_bytes(arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path,
+                                        profile: str) -> None:
     first, second = arm64_adapters[profile]
     assert file_bytes(first) == file_bytes(second)
     manifest = json.loads((first / "manifest.json").read_text())
@@ -112,7 +134,7 @@ def test_trains_twice_to_the_same_bytes(arm64_adapters: dict[str, list[Path]], t
         assert manifest["pins"]["cpu_capability"] == "DEFAULT"
     if profile == "native":  # the same job on x86_64 (native too): other bytes, the README says; shown, not promised
         same = file_bytes(first)["adapter_model.safetensors"] == (tiny_adapter / "adapter_model.safetensors").read_bytes()
-        sys.__stderr__.write(f"\narm64: native weights {'equal' if same else 'differ from'} x86_64's\n")
+        arm64.say(f"native weights {'equal' if same else 'differ from'} x86_64's")
 
 
 PEFT_LOAD = textwrap.dedent("""
@@ -143,46 +165,60 @@ PEFT_LOAD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.arm64
-@pytest.mark.slow
-def test_peft_loads_it_there(arm64_root: Path, arm64_work: Path, arm64_adapters: dict[str, list[Path]]) -> None:
-    (arm64_work / "peft_load.py").write_text(PEFT_LOAD)
-    result = emulated(arm64_root, arm64_work, "peft load", "python", "/work/peft_load.py", "/work/native-a", "/work/model")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "bit for bit" in result.stdout
-
-
-@pytest.mark.arm64
-@pytest.mark.slow
-def test_infer_check_replays_its_probes_there(arm64_root: Path, arm64_work: Path,
-                                              arm64_adapters: dict[str, list[Path]]) -> None:
-    result = reprolora(arm64_root, arm64_work, "infer --check", "infer", "/work/portable-a", "--base-model", "/work/model",
-                       "--check")
-    assert "check passed: 1 golden probes replayed bit for bit" in result.stderr
-
-
-@pytest.mark.arm64
-@pytest.mark.slow
-def test_x86_64_adapter_refuses_to_check_there(arm64_root: Path, arm64_work: Path, tiny_adapter: Path) -> None:
-    shutil.copytree(tiny_adapter, arm64_work / "x86_64-for-check")
-    result = reprolora(arm64_root, arm64_work, "infer --check (x86_64 adapter)", "infer", "/work/x86_64-for-check",
-                       "--base-model", "/work/model", "--check", expect=2)
-    assert "the architecture differs: trained on x86_64, this machine is aarch64" in result.stderr
-    assert "probe" not in result.stderr.split("architecture differs")[0]  # refused before any probe was replayed
-
-
-@pytest.mark.arm64
-@pytest.mark.slow
-def test_verify_works_across_architectures(arm64_root: Path, arm64_work: Path, tiny_adapter: Path,
-                                           arm64_adapters: dict[str, list[Path]]) -> None:
-    shutil.copytree(tiny_adapter, arm64_work / "x86_64")
-    reprolora(arm64_root, arm64_work, "verify (x86_64 adapter)", "verify", "/work/x86_64")
-    assert "every hash in the manifest holds" in run_cli("verify", str(arm64_adapters["native"][0])).stdout
-    tampered = arm64_work / "x86_64-tampered"
+@pytest.fixture(scope="session")
+def arm64_checks(arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path) -> dict[str, subprocess.CompletedProcess]:
+    """PEFT, `infer --check` and `verify` under emulation, side by side, on the adapters trained there and on an
+    x86_64 one (the tiny job trained on this machine)."""
+    (arm64.work / "peft_load.py").write_text(PEFT_LOAD)
+    shutil.copytree(tiny_adapter, arm64.work / "x86_64")
+    tampered = arm64.work / "x86_64-tampered"
     shutil.copytree(tiny_adapter, tampered)
     (tampered / "adapter_config.json").write_text((tampered / "adapter_config.json").read_text() + " ")
-    result = reprolora(arm64_root, arm64_work, "verify (tampered)", "verify", "/work/x86_64-tampered", expect=1)
-    assert "adapter_config.json" in result.stderr
+    reprolora = ("python", "-m", "reprolora")
+    commands = {
+        "peft load": ("python", "/work/peft_load.py", "/work/native-a", "/work/model"),
+        **{f"infer --check {profile}": (*reprolora, "infer", f"/work/{profile}-a", "--base-model", "/work/model", "--check")
+           for profile in PROFILES},
+        "infer --check x86_64": (*reprolora, "infer", "/work/x86_64", "--base-model", "/work/model", "--check"),
+        "verify x86_64": (*reprolora, "verify", "/work/x86_64"),
+        "verify tampered": (*reprolora, "verify", "/work/x86_64-tampered"),
+    }
+    return dict(zip(commands, arm64.run(f"{', '.join(commands)} (side by side)", *commands.values())))
+
+
+def ok(result: subprocess.CompletedProcess, expect: int = 0) -> subprocess.CompletedProcess:
+    assert result.returncode == expect, f"{' '.join(result.args)}: exit {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_peft_loads_it_there(arm64_checks: dict[str, subprocess.CompletedProcess]) -> None:
+    assert "LoRA tensors bit for bit" in ok(arm64_checks["peft load"]).stdout
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_infer_check_replays_its_probes_there(arm64_checks: dict[str, subprocess.CompletedProcess], profile: str) -> None:
+    assert "check passed: 1 golden probes replayed bit for bit" in ok(arm64_checks[f"infer --check {profile}"]).stderr
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_x86_64_adapter_refuses_to_check_there(arm64_checks: dict[str, subprocess.CompletedProcess]) -> None:
+    stderr = ok(arm64_checks["infer --check x86_64"], expect=2).stderr
+    assert "the architecture differs: trained on x86_64, this machine is aarch64" in stderr
+    assert "probe 1" not in stderr  # refused: no probe was replayed, none reported as a mismatch
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_verify_works_across_architectures(arm64_checks: dict[str, subprocess.CompletedProcess],
+                                           arm64_adapters: dict[str, list[Path]]) -> None:
+    assert "every hash in the manifest holds" in ok(arm64_checks["verify x86_64"]).stdout
+    assert "every hash in the manifest holds" in run_cli("verify", str(arm64_adapters["portable"][0])).stdout
+    assert "adapter_config.json: differs" in ok(arm64_checks["verify tampered"], expect=1).stderr
 
 
 def test_check_refuses_another_architecture(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path) -> None:
