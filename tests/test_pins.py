@@ -68,12 +68,12 @@ def test_build_settings_are_parsed_as_a_list() -> None:
 
 def test_blas_of_this_torch() -> None:
     """The torch installed here: its own BLAS_INFO, and a version for MKL (from the text) or OpenBLAS (the library)."""
-    code = ("from reprolora import pins; import json, torch; "
-            "print(json.dumps([pins.blas(), pins.build_settings(torch.__config__.show())['BLAS_INFO']]))")
+    code = ("from reprolora import pins; import json, torch; print(json.dumps([pins.blas(), pins.blas_version(), "
+            "pins.build_settings(torch.__config__.show())['BLAS_INFO']]))")
     import json
 
-    found, blas_info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                 check=True).stdout)
-    assert found["name"] == {"open": "openblas"}.get(blas_info, blas_info)
-    if found["name"] in ("mkl", "openblas"):
-        assert found["version"] and found["version"][0].isdigit()
+    name, version, blas_info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                         check=True).stdout)
+    assert name == {"open": "openblas"}.get(blas_info, blas_info)
+    if name in ("mkl", "openblas"):
+        assert version and version[0].isdigit()

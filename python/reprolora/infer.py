@@ -174,7 +174,7 @@ def environment_differences(model: Model) -> list[str]:
     notes = []
     recorded = model.manifest.pins.to_dict()
     current = pins.describe()
-    for key in ("machine", "cpu_capability", "blas"):
+    for key in ("machine", "cpu_capability", "blas", "blas_version"):
         if recorded.get(key) != current.get(key):
             notes.append(f"{key} is {current.get(key)!r} here, {recorded.get(key)!r} at training")
     trained_with = model.manifest.toolchain

@@ -139,6 +139,7 @@ def describe() -> dict[str, Any]:
         "environment": {name: env[name] for name in sorted(env)},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas(),
+        "blas_version": blas_version(),
     }
 
 
@@ -191,12 +192,17 @@ def _openblas_version() -> str | None:
     return None
 
 
-def blas() -> dict[str, str | None]:
-    """{"name", "version"} of the BLAS torch was built with: the version from torch's own config (MKL, linked in)
-    or from the library loaded in this process (OpenBLAS); None where neither tells."""
+def blas() -> str:
+    """The BLAS torch was built with: "mkl", "openblas", ... or "unknown" (its BLAS_INFO build setting)."""
+    import torch
+
+    return str(blas_from_config(torch.__config__.show())["name"])
+
+
+def blas_version() -> str | None:
+    """That BLAS's version: from torch's own config (MKL, linked in) or from the library loaded in this process
+    (OpenBLAS); None where neither tells."""
     import torch
 
     found = blas_from_config(torch.__config__.show())
-    if found["name"] == "openblas":
-        found["version"] = _openblas_version()
-    return found
+    return _openblas_version() if found["name"] == "openblas" else found["version"]
