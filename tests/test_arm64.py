@@ -235,4 +235,5 @@ def test_check_refuses_another_architecture(tiny_adapter: Path, tiny_base_model:
     assert result.returncode == 2, result.stderr
     assert f"the architecture differs: trained on {other}, this machine is {platform.machine()}" in result.stderr
     # Answering a prompt is still allowed: only the bit-for-bit replay is architecture-bound.
-    assert run_cli("infer", str(adapter), "--base-model", str(tiny_base_model), "-n", "2", "hi").stdout.strip()
+    answer = json.loads(run_cli("infer", str(adapter), "--base-model", str(tiny_base_model), "--json", "-n", "2", "hi").stdout)
+    assert answer["completion_tokens"] > 0

@@ -129,11 +129,11 @@ def _describe_token(tokenizer: Any, token_id: int | None) -> str:
     return f"{token_id} {tokenizer.decode([token_id])!r}"
 
 
-def check_architecture(manifest: dict[str, Any], where: str) -> None:
+def check_architecture(recorded: manifest.Manifest, where: str) -> None:
     """Golden probes replay bit for bit only on the CPU architecture that recorded them: x86_64 and aarch64 run
     other kernels and give other bytes. Say so, rather than let every probe fail as a mismatch."""
-    trained_on = manifest.get("pins", {}).get("machine")
-    if trained_on is not None and trained_on != pins.machine():
+    trained_on = recorded.pins.machine
+    if trained_on != pins.machine():
         raise ReproloraError(f"{where}: the architecture differs: trained on {trained_on}, this machine is "
                              f"{pins.machine()}; golden probes replay only on {trained_on} (`reprolora verify` "
                              "checks the files on any machine)")
