@@ -246,8 +246,9 @@ def fold(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def grad_norm(flat_grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The global L2 norm as clip_grad_norm_ computes it (the norm of the per-tensor norms), with each tensor's
-    norm taken over fixed chunks so that no reduction splits by thread."""
+    """The global L2 norm as clip_grad_norm_ computes it (the norm of the per-tensor norms), each tensor's norm
+    taken over fixed chunks. torch 2.13's vector_norm measured thread-invariant here even without the chunks;
+    they keep the bits independent of how a future kernel splits a long reduction."""
     norms = []
     for grad in flat_grad.split(sizes):
         chunks = grad.split(REDUCTION_CHUNK)
