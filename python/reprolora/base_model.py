@@ -308,6 +308,13 @@ def resolve(path: str, name: str) -> BaseModel:
     check_local_folder(folder)
     hashes = folder_hashes(folder)
     if not name:
-        is_default = hashes == CONVERTED_SHA256
-        name = DEFAULT_NAME if is_default else f"local-model-sha256:{sha256_bytes(canonical_json(hashes))[:16]}"
+        name = DEFAULT_NAME if hashes == CONVERTED_SHA256 else local_name(hashes)
     return BaseModel(folder, name, hashes)
+
+
+LOCAL_NAME_PREFIX = "local-model-sha256:"
+
+
+def local_name(hashes: dict[str, str]) -> str:
+    """The identifier of an unnamed local model: a hash of its files' hashes, so `verify` can recompute it."""
+    return f"{LOCAL_NAME_PREFIX}{sha256_bytes(canonical_json(hashes))[:16]}"

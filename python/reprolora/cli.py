@@ -86,6 +86,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     from reprolora import fingerprint
 
     report = fingerprint.collect()
+    report["process"] = pins.process_state()  # read back from torch and MKL
     if args.against:
         report["against"] = fingerprint.against(report, recorded)
     print(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) if args.json else fingerprint.render(report))
