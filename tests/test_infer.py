@@ -151,7 +151,7 @@ def base_copy(tiny_base_model: Path, tmp_path: Path, change: str) -> Path:
     ("differs", "config.json differs"),
     ("unexpected", "chat_template.jinja is unexpected"),
     ("missing", "tokenizer_config.json is missing"),
-])
+], ids=["differs", "unexpected", "missing"])
 def test_changed_base_model_is_refused(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path, change: str,
                                        message: str) -> None:
     result = infer(tiny_adapter, base_copy(tiny_base_model, tmp_path, change), PROMPT, check=False)

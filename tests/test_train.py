@@ -286,7 +286,7 @@ def test_every_hash_in_the_manifest_is_what_it_covers(tiny_adapter, tiny_base_mo
 @pytest.mark.parametrize("field, message", [
     ("loss_trace", "loss_trace_sha256 differs from the loss trace it states"),
     ("base_model_name", "is not the hash of its files' hashes"),
-])
+], ids=["loss_trace", "base_model_name"])
 def test_verify_recomputes_the_hashes_the_manifest_states(tiny_adapter, tmp_path, field, message):
     folder = tmp_path / "copy"
     shutil.copytree(tiny_adapter, folder)
