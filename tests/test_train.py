@@ -183,7 +183,7 @@ def test_fingerprint_reports_the_pinned_process_whatever_the_user_set(profile, t
     config.write_text(f'profile = "{profile}"\nthreads = {threads}\n')
     user = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_CBWR": "AVX",
             "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_DYNAMIC": "TRUE"}
-    process = json.loads(run_cli("fingerprint", "-c", str(config), env=user).stdout)["process"]
+    process = json.loads(run_cli("fingerprint", "--json", "-c", str(config), env=user).stdout)["process"]
     assert process["environment"] == pinned_x86_64(profile, threads)
     assert process["torch_threads"] == process["omp_max_threads"] == threads
     assert process["mkl_max_threads"] in (threads, None)  # None: a torch without MKL
