@@ -91,9 +91,22 @@ def default_wheel(wheel: Path | None = None) -> Path:
     return cached
 
 
+def _import_gguf() -> Any:
+    """The gguf package: an optional extra (`reprolora[gguf]`), needed only to convert the default model, so that
+    training on a converted or local model and serving never load it (nixpkgs' gguf pulls in Qt)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ReproloraError(
+            "converting the default base model needs the gguf package, which is not installed: "
+            "pip install 'reprolora[gguf]' (or pass --base-model DIR)"
+        ) from None
+    return gguf
+
+
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Write a Hugging Face Llama folder from a GGUF file: float32 weights, config and tokenizer."""
-    import gguf
+    gguf = _import_gguf()
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -235,6 +248,7 @@ def prepare_default(out: Path | None = None, wheel: Path | None = None) -> Path:
     if target.exists():
         check_folder(target, CONVERTED_SHA256)
         return target
+    _import_gguf()  # before downloading 93 MB that could not be converted
     wheel_path = default_wheel(wheel)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
