@@ -59,7 +59,9 @@ JOB_FLAKE = """\
     }};
     # The flake's own checks file, on the tiny job.
     checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
-      inherit (nixpkgs.legacyPackages.{system}) runCommand python3Packages;
+      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
+      # Two files of the fast suite (all of it runs in GitHub's `nix flake check`, and here outside Nix).
+      pytestArgs = [ "-m" "not slow and not nix" "tests/test_config.py" "tests/test_gguf_extra.py" ];
       inherit (reprolora.packages.{system}) reprolora;
       inherit (self.packages.{system}) adapter infer;
       src = reprolora;
@@ -124,14 +126,15 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
     assert answer.stdout == direct.stdout
 
 
-def test_flake_checks_build_the_adapter_twice_and_run_the_infer_wrapper(tiny_job_flake, tmp_path):
-    """pkgs/checks.nix's adapter-reproducible and infer-runs, as `nix flake check` builds them (the pytest
-    check, the fast suite in the sandbox, takes minutes: GitHub CI runs it)."""
+def test_flake_checks_build(tiny_job_flake, tmp_path):
+    """pkgs/checks.nix as `nix flake check` builds it: the adapter built twice and compared, the infer wrapper
+    run, and the pytest check (the Nix-built library in python.withPackages, the tests without python/), here on
+    two test files."""
     job, env = tiny_job_flake
     system = nixtest.nix_system()
     result = nixtest.nix(["build", "-L", "--no-link", f"path:{job}#checks.{system}.adapter-reproducible",
-                          f"path:{job}#checks.{system}.infer-runs"], env)
-    assert result.returncode == 0, result.stderr[-6000:]
+                          f"path:{job}#checks.{system}.infer-runs", f"path:{job}#checks.{system}.pytest"], env)
+    assert result.returncode == 0, result.stderr[-6000:]  # pytest fails the build on a failure or no test run
 
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check

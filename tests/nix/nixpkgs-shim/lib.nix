@@ -27,6 +27,9 @@ rec {
     in
     f (builtins.intersectAttrs (builtins.functionArgs f) autoArgs // args);
 
+  escapeShellArg = arg: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg)}'";
+  escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
+
   makeBinPath = paths: builtins.concatStringsSep ":" (map (path: "${path}/bin") paths);
 
   optionalString = cond: string: if cond then string else "";
