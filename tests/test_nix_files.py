@@ -234,7 +234,29 @@ def test_hash_check_without_a_committed_file_warns_and_writes_the_lines_to_commi
     assert not (tmp_path / "adapter-x.sha256").exists()
 
 
-def test_committed_expected_hashes_name_every_adapter_file():
-    for path in sorted((nixtest.REPO / "expected").glob("adapter-*.sha256")):
-        names = [re.fullmatch(r"[0-9a-f]{64}  (\S+)", line).group(1) for line in path.read_text().splitlines()]
-        assert names == sorted(nixtest.ADAPTER_FILES), path
+def expected_file_problem(path: Path) -> str | None:
+    """What is wrong with a hash file of expected/: the Nix route's must name every file of result/, the pip
+    route's the adapter's weights and config (its manifest records the interpreter's patch version, which a pip
+    lock does not pin); each line as sha256sum writes it."""
+    lines = path.read_text().splitlines()
+    if not all(re.fullmatch(r"[0-9a-f]{64}  \S+", line) for line in lines):
+        return f"{path.name}: not sha256sum lines"
+    names = [line[66:] for line in lines]
+    wanted = sorted(nixtest.ADAPTER_FILES) if path.name.startswith("adapter-") else [
+        "adapter_config.json", "adapter_model.safetensors"]
+    return None if names == wanted else f"{path.name}: names {names}, not {wanted}"
+
+
+def test_the_expected_file_check_catches_a_wrong_file(tmp_path):
+    good = tmp_path / "pip-x86_64-linux-portable.sha256"
+    good.write_text(f"{'a' * 64}  adapter_config.json\n{'b' * 64}  adapter_model.safetensors\n")
+    assert expected_file_problem(good) is None
+    (tmp_path / "adapter-x86_64-linux.sha256").write_text(good.read_text())
+    assert "names" in expected_file_problem(tmp_path / "adapter-x86_64-linux.sha256")
+    good.write_text("abc  adapter_config.json\n")
+    assert "not sha256sum lines" in expected_file_problem(good)
+
+
+def test_committed_expected_hashes_are_sha256sum_lines_of_the_adapter_files():
+    problems = [expected_file_problem(path) for path in sorted((nixtest.REPO / "expected").glob("*.sha256"))]
+    assert not [p for p in problems if p], problems
