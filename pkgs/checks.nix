@@ -27,6 +27,8 @@
           (python3Packages.python.withPackages (_: [
             reprolora
             python3Packages.pytest
+            python3Packages.cryptography # attestation signatures (tests/test_publish.py)
+            python3Packages.openai # the official client against `serve` (tests/test_chat.py)
           ]))
         ];
       }

@@ -40,7 +40,7 @@ def test_default_job_improves_eval_loss_and_rebuilds_bit_identically(tmp_path):
         run_cli("train", "-q", cwd=tmp_path / name)  # the README's main command, in its own folder
     first, second = tmp_path / "first" / "out" / "adapter", tmp_path / "second" / "out" / "adapter"
     files = sorted(p.name for p in first.iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
     assert {n: (first / n).read_bytes() for n in files} == {n: (second / n).read_bytes() for n in files}
     assert run_cli("verify", str(first)).returncode == 0
     manifest = json.loads((first / "manifest.json").read_text())

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_cli
 
-OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "manifest.json")
+OUTPUTS = ("README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json")
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
@@ -29,7 +29,7 @@ def test_output_is_canonical(tiny_adapter):
     assert config["target_modules"] == ["q_proj", "v_proj"]
     assert config["base_model_name_or_path"].startswith("local-model-sha256:")
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(manifest["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
     assert manifest["inputs"]["config"]["dataset"]["path"] == "tiny.jsonl"
     text = b"".join(file_bytes(tiny_adapter).values())
     for leak in (str(Path.home()).encode(), b"/tmp", b"pytest"):

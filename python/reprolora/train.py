@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import adapter, base_model, checkpoint, dataset, distributed, families, manifest, pins
+from reprolora import adapter, base_model, card, checkpoint, dataset, distributed, families, manifest, pins
 from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.config import Config
 from reprolora.dataset import IGNORE, Tokenized
@@ -400,6 +400,7 @@ def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int 
         body = manifest_body(job, state, after, golden_probes(job))
         with publish_dir(out) as staging:
             adapter.write_adapter(job.peft_model, staging, job.base.name)
+            card.write_card(staging, body)
             manifest.write(staging, body)
     finally:
         world.close()

@@ -20,7 +20,7 @@ BUILD_STEP = REPO / "pkgs" / "build-step.sh"
 SHIM = Path(__file__).resolve().parent / "nixpkgs-shim"
 
 # The files an adapter folder holds, as the library's contract states.
-ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
+ADAPTER_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "manifest.json"}
 
 def venv_bin() -> Path:
     """The folder of the Python running the tests: its `reprolora` script is the one the builds run."""
