@@ -402,9 +402,12 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--check", action="store_true", help="replay the golden probes; exit 1 on any difference")
     infer.set_defaults(run=cmd_infer)
 
-    serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible completions, greedy)",
-                                description="Serve ADAPTER over HTTP: POST /v1/completions, GET /v1/models, GET /healthz, "
-                                            "GET /metrics. Loads as `infer` does; SIGTERM finishes requests in flight, then exits 0.")
+    from reprolora.serve import ROUTES  # standard library only: no torch yet
+
+    serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible chat and completions, greedy)",
+                                description="Serve ADAPTER over HTTP: "
+                                            + "; ".join(f"{r.method} {r.path} ({r.summary})" for r in ROUTES)
+                                            + ". Loads as `infer` does; SIGTERM finishes requests in flight, then exits 0.")
     serve.add_argument("adapter", help="adapter folder written by `reprolora train`")
     serve.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in a container)")
