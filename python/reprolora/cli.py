@@ -101,6 +101,26 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from reprolora import merge
+
+    measured = merge.merge(Path(args.adapter), Path(args.output), Path(args.base_model) if args.base_model else None)
+    print(f"reprolora: wrote {args.output} | {measured['probes']} golden probes: greedy tokens "
+          f"{'identical' if measured['probe_tokens_equal'] else 'DIFFER'} to the adapter's; logits differ from the "
+          f"adapter applied on the fly by at most {measured['max_abs_logit_difference']:.3g} (merging rounds differently)")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from reprolora import export_gguf
+    from reprolora.canonical import sha256_file
+
+    out = Path(args.output)
+    export_gguf.export(Path(args.folder), out, args.dtype)
+    print(f"reprolora: wrote {out} ({args.dtype}, sha256 {sha256_file(out)})")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from reprolora import base_model
 
@@ -334,6 +354,24 @@ def parser() -> argparse.ArgumentParser:
     attest.add_argument("-o", "--output", help="file to write (default: FOLDER.intoto.json beside the folder)")
     attest.add_argument("--key", help="Ed25519 private key (unencrypted PEM, e.g. `openssl genpkey -algorithm ed25519`)")
     attest.set_defaults(run=cmd_attest)
+
+    merge = commands.add_parser("merge", help="fold an adapter into its base model: one Hugging Face model folder",
+                                description="Write OUT: the base model with the LoRA deltas folded into its weights "
+                                            "(PEFT's merge_and_unload, float32, the adapter's pins), its config and "
+                                            "tokenizer, and a manifest naming the adapter's manifest sha256. transformers "
+                                            "loads it with no PEFT. Prints how far its logits are from the adapter's.")
+    merge.add_argument("adapter", help="adapter folder written by `reprolora train`")
+    merge.add_argument("-o", "--output", required=True, help="folder to write (must not exist)")
+    merge.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
+    merge.set_defaults(run=cmd_merge)
+
+    export = commands.add_parser("export-gguf", help="write a merged Llama model folder as GGUF for llama.cpp",
+                                 description="Write a GGUF file (llama.cpp's Llama layout) from a folder written by "
+                                             "`reprolora merge`. Only the Llama family.")
+    export.add_argument("folder", help="merged model folder written by `reprolora merge`")
+    export.add_argument("-o", "--output", required=True, help="GGUF file to write (must not exist)")
+    export.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight type (default: f32; norms stay f32)")
+    export.set_defaults(run=cmd_export_gguf)
 
     base = commands.add_parser("base-model", help="manage the default base model")
     base_commands = base.add_subparsers(dest="base_command", required=True, metavar="COMMAND")
