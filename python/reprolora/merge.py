@@ -52,7 +52,7 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
 
     from reprolora.canonical import sha256_file
     from reprolora.generate import greedy
-    from reprolora.train import load_model_and_tokenizer, toolchain
+    from reprolora.model import load_model_and_tokenizer, toolchain
 
     base, tokenizer = load_model_and_tokenizer(base_folder)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
