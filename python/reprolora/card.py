@@ -90,6 +90,8 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
     base, data, config = inputs["base_model"], inputs["dataset"], inputs["config"]
     metrics, toolchain, pins = body["metrics"], body["toolchain"], body["pins"]
     lora = config["lora"]
+    modules = lora["target_modules"]  # the resolved module names; a preset name if it was recorded unresolved
+    modules_text = modules if isinstance(modules, str) else ", ".join(modules)
     default_dataset = data["name"] == "default.jsonl"
     default_base = base["name"] == base_model.DEFAULT_NAME
     dataset_arg = "" if default_dataset else f" --dataset {data['name']}"
@@ -99,7 +101,7 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "",
         f"# LoRA adapter for {base['name']}",
         "",
-        f"A LoRA adapter (r={lora['r']}, alpha={lora['alpha']}, on {', '.join(lora['target_modules'])}) trained by "
+        f"A LoRA adapter (r={lora['r']}, alpha={lora['alpha']}, on {modules_text}) trained by "
         f"reprolora {toolchain['reprolora']} on CPU. Every file of this folder "
         "has its sha256 in `manifest.json`, and retraining from the same inputs with the same toolchain gives the same "
         "bytes: the sections below say what those inputs were and how to check.",
