@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from reprolora import adapter, base_model
+from reprolora import base_model
 from reprolora.errors import ReproloraError
 
 DTYPES = ("f32", "f16")
@@ -131,12 +131,9 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
 
     if dtype not in DTYPES:
         raise ReproloraError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    problems = adapter.verify(folder)
-    if problems:
-        raise ReproloraError(f"{folder}/{problems[0]}; not exporting a folder that differs from its manifest")
-    manifest = adapter.read_manifest(folder)
-    if manifest.get("kind") != "merged":
-        raise ReproloraError(f"{folder}: not a merged model folder; run `reprolora merge ADAPTER -o DIR` first")
+    from reprolora.merge import read_manifest
+
+    manifest = read_manifest(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
         raise ReproloraError(f"{folder}/config.json: model_type {config.get('model_type')!r}; only the Llama family "

@@ -15,11 +15,39 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from reprolora import adapter, pins
-from reprolora.canonical import publish_dir
+import json
+
+from reprolora import manifest as manifest_file
+from reprolora import pins
+from reprolora.canonical import canonical_json, file_entry, publish_dir, sha256_file, write_file
 from reprolora.errors import ReproloraError
 
 WEIGHTS = "model.safetensors"
+FORMAT = "reprolora-merged/1"
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A merged folder's manifest.json, after checking every file's sha256 and size against it."""
+    path = folder / manifest_file.FILENAME
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReproloraError(f"{path}: no manifest; not a folder written by `reprolora merge`") from None
+    except (OSError, ValueError) as e:
+        raise ReproloraError(f"{path}: can't read manifest: {e}") from None
+    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+        raise ReproloraError(f"{folder}: not a merged model folder (manifest format is not {FORMAT}); "
+                             "run `reprolora merge ADAPTER -o DIR` first")
+    present = {child.name for child in folder.iterdir()} - {manifest_file.FILENAME}
+    for name in sorted(set(recorded["files"]) | present):
+        if name not in recorded["files"] or name not in present or file_entry(folder / name) != recorded["files"][name]:
+            raise ReproloraError(f"{folder}/{name}: differs from the merged folder's manifest")
+    return recorded
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> None:
+    files = {child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != manifest_file.FILENAME}
+    write_file(folder / manifest_file.FILENAME, canonical_json({**body, "format": FORMAT, "files": files}))
 
 
 def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]]) -> list[Any]:
@@ -41,16 +69,15 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     from reprolora import infer
 
     adapter_dir = Path(adapter_dir)
-    manifest, base_folder = infer.check_inputs(adapter_dir, base_dir)
+    recorded, base_folder = infer.check_inputs(adapter_dir, base_dir)
+    manifest = recorded.to_dict()
     if out.exists():
         raise ReproloraError(f"{out}: output folder already exists; choose another path or remove it")
-    profile, threads = infer.manifest_pins(manifest, str(adapter_dir))
-    pins.apply(profile, threads)  # before torch is imported
+    pins.apply(recorded.pins.profile, recorded.pins.threads)  # before torch is imported
 
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from reprolora.canonical import sha256_file
     from reprolora.generate import greedy
     from reprolora.model import load_model_and_tokenizer, toolchain
 
@@ -85,9 +112,9 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
             if child.is_file() and not child.name.startswith(".") and not child.name.endswith((".safetensors", ".index.json")) \
                     and child.name in manifest["inputs"]["base_model"]["files"]:
                 shutil.copyfile(child, staging / child.name)
-        adapter.write_manifest(staging, {
+        write_manifest(staging, {
             "kind": "merged",
-            "adapter": {"manifest_sha256": sha256_file(adapter_dir / adapter.MANIFEST),
+            "adapter": {"manifest_sha256": sha256_file(adapter_dir / manifest_file.FILENAME),
                         "files": manifest["files"]},
             "base_model": manifest["inputs"]["base_model"],
             "merge": {"method": "peft merge_and_unload", "dtype": "float32", **measured},
