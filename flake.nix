@@ -2,7 +2,7 @@
   description = "reprolora: LoRA fine-tuning on CPU whose adapter is bit-identical wherever it is rebuilt";
 
   # The whole toolchain (Python, torch, transformers, peft, ...) comes from this one pin: see flake.lock.
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
 
   outputs =
     { self, nixpkgs }:
@@ -36,6 +36,7 @@
             image = callPackage ./pkgs/image.nix {
               inherit sourceUrl;
               revision = self.rev or "dirty";
+              defaultAdapter = ours.adapter;
             };
             checks = callPackages ./pkgs/checks.nix { src = self; };
           };
@@ -78,13 +79,31 @@
 
       checks = forAllSystems (pkgs: (reproloraPackages pkgs).checks);
 
-      devShells = forAllSystems (pkgs: {
-        default = pkgs.mkShell {
-          # The library's own build and runtime inputs, plus pytest: the same toolchain as the builds.
-          inputsFrom = [ (reproloraPackages pkgs).reprolora ];
-          packages = [ pkgs.python3Packages.pytest ];
-        };
-      });
+      # `nix develop`: the pinned Python with the library's dependencies and pytest; the library itself from the
+      # source tree (python/ on PYTHONPATH), so that edits need no rebuild:
+      #   python -c 'import reprolora'; python -m pytest tests -m "not slow and not nix"
+      devShells = forAllSystems (
+        pkgs:
+        let
+          inherit (reproloraPackages pkgs) reprolora;
+        in
+        {
+          default = pkgs.mkShell {
+            packages = [
+              (pkgs.python3Packages.python.withPackages (
+                ps: reprolora.dependencies ++ [ ps.gguf ps.pytest ]
+              ))
+            ];
+            shellHook = ''
+              if [ -f python/reprolora/__init__.py ]; then
+                export PYTHONPATH="$PWD/python''${PYTHONPATH:+:$PYTHONPATH}"
+              else
+                echo "nix develop: run it from the repository's root to import reprolora from python/" >&2
+              fi
+            '';
+          };
+        }
+      );
 
       formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
     };

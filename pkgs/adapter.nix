@@ -3,6 +3,7 @@
 # `nix build .#adapter --rebuild` gives the same bytes. Another job is a one-line override:
 #   adapter.override { dataset = ./my.jsonl; trainConfig = ./my.toml; baseModel = ./my-hf-folder; }
 {
+  lib,
   runCommand,
   runtimeShell,
   reprolora,
@@ -17,6 +18,10 @@ runCommand "reprolora-adapter"
     nativeBuildInputs = [ reprolora ];
     inherit baseModel dataset trainConfig;
     passthru = { inherit baseModel dataset trainConfig; };
+    meta = {
+      description = "A LoRA adapter trained by reprolora: adapter_model.safetensors, adapter_config.json, manifest.json";
+      license = lib.licenses.asl20;
+    };
   }
   ''
     ${runtimeShell} ${./build-step.sh} adapter

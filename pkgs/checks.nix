@@ -1,12 +1,19 @@
 # `nix flake check`: the test suite against the Nix-built library, the adapter built twice and compared, and
 # the infer wrapper run once. Each check is a sandboxed build like any other.
 {
+  lib,
   runCommand,
   python3Packages,
   reprolora,
   adapter,
   infer,
   src,
+  # What the pytest check runs: the fast tests.
+  pytestArgs ? [
+    "-m"
+    "not slow and not nix"
+    "tests"
+  ],
 }:
 
 {
@@ -20,6 +27,8 @@
           (python3Packages.python.withPackages (_: [
             reprolora
             python3Packages.pytest
+            python3Packages.cryptography # attestation signatures (tests/test_publish.py)
+            python3Packages.openai # the official client against `serve` (tests/test_chat.py)
           ]))
         ];
       }
@@ -31,7 +40,7 @@
         export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
         export PYTHONDONTWRITEBYTECODE=1
         python -c 'import os, reprolora; path = os.path.realpath(reprolora.__file__); assert path.startswith("${reprolora}/"), path'
-        python -m pytest -p no:cacheprovider -m "not slow and not nix" tests
+        python -m pytest -p no:cacheprovider ${lib.escapeShellArgs pytestArgs}
         touch $out
       '';
 

@@ -1,8 +1,15 @@
 # The built-in training set (the library's package data) as a store path of its own, so that the adapter's
 # inputs are all visible, and replaceable: adapter.override { dataset = ./my.jsonl; }. Its name is the
 # library's own name for it, which the manifest records.
-{ runCommand }:
+{ lib, runCommand }:
 
-runCommand "default.jsonl" { } ''
-  cp ${../python/reprolora/data/default.jsonl} $out
-''
+runCommand "default.jsonl"
+  {
+    meta = {
+      description = "reprolora's built-in training set: 80 instruction/response pairs on reproducible ML engineering";
+      license = lib.licenses.asl20;
+    };
+  }
+  ''
+    cp ${../python/reprolora/data/default.jsonl} $out
+  ''

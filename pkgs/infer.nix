@@ -2,6 +2,7 @@
 # Other arguments are passed on: `--check` replays the golden probes kept in the adapter's manifest, `--json`
 # prints JSON. `serve [OPTIONS]` runs the HTTP server instead (on all interfaces, port 8000, as a container needs).
 {
+  lib,
   writeShellApplication,
   reprolora,
   baseModel,
@@ -10,6 +11,11 @@
 
 writeShellApplication {
   name = "reprolora-infer";
+  meta = {
+    description = "Greedy answers from a reprolora adapter and its base model, baked in; --check replays the golden probes";
+    license = lib.licenses.asl20;
+    mainProgram = "reprolora-infer";
+  };
   runtimeInputs = [ reprolora ];
   text = ''
     # The store is read-only and a container may have no HOME: caches go to a temp dir unless one is set.

@@ -111,15 +111,52 @@ def test_changed_weight_with_rewritten_manifest_fails_the_probes(tiny_adapter: P
     assert with_prompt.returncode == 1 and with_prompt.stdout == ""
 
 
-def test_changed_base_model_is_refused(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path) -> None:
+def test_logits_that_change_under_the_same_tokens_fail_the_check(tiny_adapter: Path, tiny_base_model: Path,
+                                                                  tmp_path: Path) -> None:
+    """A weight nudged too little to flip any argmax, the manifest re-hashed: only the logits hash can tell."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = copy_adapter(tiny_adapter, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(n for n in tensors if "lora_B" in n and "v_proj" in n)[-1]
+    tensors[name][0, 0] += 1e-4
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    manifest["files"]["adapter_model.safetensors"] = file_entry(weights)
+    (adapter / "manifest.json").write_bytes(canonical_json(manifest))
+
+    result = infer(adapter, tiny_base_model, "--check", "--json", PROMPT, "-n", "8", check=False)
+    assert result.returncode == 1, result.stderr
+    message = json.loads(result.stdout)["check"]["probes"][0]["message"]
+    tokens = len(manifest["probes"]["results"][0]["token_ids"])
+    assert f"same {tokens} tokens but the logits differ" in message, message
+
+
+def base_copy(tiny_base_model: Path, tmp_path: Path, change: str) -> Path:
     base = tmp_path / "base"
     shutil.copytree(tiny_base_model, base)
-    config = json.loads((base / "config.json").read_text())
-    config["rms_norm_eps"] = 1e-5
-    (base / "config.json").write_text(json.dumps(config))
-    result = infer(tiny_adapter, base, PROMPT, check=False)
-    assert result.returncode == 2
-    assert "base model does not match its pinned hashes: config.json differs" in result.stderr
+    if change == "differs":
+        config = json.loads((base / "config.json").read_text())
+        config["rms_norm_eps"] = 1e-5
+        (base / "config.json").write_text(json.dumps(config))
+    elif change == "unexpected":  # transformers 5 reads a chat template from this file: it changes the prompt
+        (base / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    elif change == "missing":  # without it the tokenizer has no chat template, no eos token
+        (base / "tokenizer_config.json").unlink()
+    return base
+
+
+@pytest.mark.parametrize("change, message", [
+    ("differs", "config.json differs"),
+    ("unexpected", "chat_template.jinja is unexpected"),
+    ("missing", "tokenizer_config.json is missing"),
+], ids=["differs", "unexpected", "missing"])
+def test_changed_base_model_is_refused(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path, change: str,
+                                       message: str) -> None:
+    result = infer(tiny_adapter, base_copy(tiny_base_model, tmp_path, change), PROMPT, check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"base model does not match its pinned hashes: {message}" in result.stderr
 
 
 def test_other_base_model_must_be_named(tiny_adapter: Path) -> None:

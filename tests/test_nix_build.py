@@ -8,9 +8,14 @@ one builds the default job once: the base model from the PyPI wheel, then the ad
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,10 +49,19 @@ JOB_FLAKE = """\
         baseModel = ./model;
         inherit (self.packages.{system}) adapter;
       }};
+      # The image of the tiny job: it must serve, replay and label this adapter, not the flake's default one.
+      image = reprolora.packages.{system}.image.override {{
+        baseModel = ./model;
+        inherit (self.packages.{system}) adapter;
+      }};
+      # The same image with a label that claims other bytes: its build must fail.
+      image-lying-label = self.packages.{system}.image.override {{ adapterSha256 = "{zeros}"; }};
     }};
     # The flake's own checks file, on the tiny job.
     checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
-      inherit (nixpkgs.legacyPackages.{system}) runCommand python3Packages;
+      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
+      # Two files of the fast suite (all of it runs in GitHub's `nix flake check`, and here outside Nix).
+      pytestArgs = [ "-m" "not slow and not nix" "tests/test_config.py" "tests/test_gguf_extra.py" ];
       inherit (reprolora.packages.{system}) reprolora;
       inherit (self.packages.{system}) adapter infer;
       src = reprolora;
@@ -76,6 +90,7 @@ def tiny_job_flake(tiny_base_model, tiny_dataset, tiny_config, tmp_path_factory)
     shutil.copyfile(tiny_config, job / tiny_config.name)
     (job / "flake.nix").write_text(JOB_FLAKE.format(
         shim=shim, repo=nixtest.REPO, system=nixtest.nix_system(), dataset=tiny_dataset.name, config=tiny_config.name,
+        zeros="0" * 64,
     ))
     return job, env
 
@@ -111,14 +126,15 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
     assert answer.stdout == direct.stdout
 
 
-def test_flake_checks_build_the_adapter_twice_and_run_the_infer_wrapper(tiny_job_flake, tmp_path):
-    """pkgs/checks.nix's adapter-reproducible and infer-runs, as `nix flake check` builds them (the pytest
-    check, the fast suite in the sandbox, takes minutes: GitHub CI runs it)."""
+def test_flake_checks_build(tiny_job_flake, tmp_path):
+    """pkgs/checks.nix as `nix flake check` builds it: the adapter built twice and compared, the infer wrapper
+    run, and the pytest check (the Nix-built library in python.withPackages, the tests without python/), here on
+    two test files."""
     job, env = tiny_job_flake
     system = nixtest.nix_system()
     result = nixtest.nix(["build", "-L", "--no-link", f"path:{job}#checks.{system}.adapter-reproducible",
-                          f"path:{job}#checks.{system}.infer-runs"], env)
-    assert result.returncode == 0, result.stderr[-6000:]
+                          f"path:{job}#checks.{system}.infer-runs", f"path:{job}#checks.{system}.pytest"], env)
+    assert result.returncode == 0, result.stderr[-6000:]  # pytest fails the build on a failure or no test run
 
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check
@@ -143,3 +159,106 @@ def test_nix_builds_the_default_adapter_from_the_pypi_wheel(tmp_path):
     verify = subprocess.run([str(nixtest.venv_bin() / "reprolora"), "verify", str(tmp_path / "adapter")],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+
+
+# ---- the image, the dev shell and the formatter, through the shim's stand-ins ----
+
+@pytest.fixture
+def podman_storage():
+    """podman's storage for one test, in a short path (podman refuses a run root over 50 characters)."""
+    folder = Path(tempfile.mkdtemp(prefix="reprolora-podman-"))
+    yield folder
+    subprocess.run(["podman", "--root", str(folder / "root"), "--runroot", str(folder / "run"), "--storage-driver",
+                    "vfs", "system", "reset", "--force"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def podman(storage: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """podman with storage of the test's own, the way it runs here (FACTS.md: runc, not crun; root)."""
+    result = subprocess.run(["podman", "--root", str(storage / "root"), "--runroot", str(storage / "run"),
+                             "--storage-driver", "vfs", *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, f"podman {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def host_toolchain_mounts() -> list[str]:
+    """The shim's toolchain is this machine's Python, outside the store: a container gets the same host paths
+    the shim's sandbox does (nixpkgs' image would carry its Python in the closure instead)."""
+    paths = ["/bin/busybox", "/lib", "/lib64", "/usr/lib", *nixtest.host_paths()]
+    mounts = [f"--volume={path}:{path}:ro" for path in paths if os.path.exists(path)]
+    return [*mounts, "--volume=/bin/busybox:/bin/sh:ro"]
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman: apt-get install podman runc")
+def test_image_serves_replays_and_labels_its_own_adapter(tiny_job_flake, tiny_base_model, tiny_adapter, tmp_path,
+                                                        podman_storage):
+    job, env = tiny_job_flake
+    image = tmp_path / "image"
+    build_twice(f"path:{job}#image", image, env)  # the archive is bit-reproducible too
+    adapter = nixtest.nix(["build", f"path:{job}#adapter", "--out-link", str(tmp_path / "adapter")], env)
+    assert adapter.returncode == 0, adapter.stderr[-3000:]
+    adapter_path = os.path.realpath(tmp_path / "adapter")
+
+    storage = podman_storage
+    podman(storage, "load", "--input", str(image))
+    tag = "reprolora-infer:0.1.0"
+    config = json.loads(podman(storage, "image", "inspect", "--format", "{{json .Config}}", tag).stdout)
+    assert config["User"] == "65534:65534" and config["WorkingDir"] == "/tmp"
+    assert config["Labels"]["org.reprolora.adapter.store-path"] == adapter_path
+    assert "org.reprolora.adapter.sha256" not in config["Labels"]  # no hashes are committed for the tiny job
+
+    run = ["run", "--rm", "--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+           "--network", "none", "--read-only", "--tmpfs", "/tmp:mode=1777", *host_toolchain_mounts()]
+    user = podman(storage, *run, "--entrypoint", "/bin/sh", tag, "-c", "id -u; id -g; cd / && ls -d tmp")
+    assert user.stdout.split() == ["65534", "65534", "tmp"]
+    check = podman(storage, *run, tag, "--check")
+    assert "reprolora" in check.stdout + check.stderr
+    answer = podman(storage, *run, tag, "-n", "8", "Why pin seeds?")
+    direct = subprocess.run([str(nixtest.venv_bin() / "reprolora"), "infer", str(tiny_adapter), "--base-model",
+                             str(tiny_base_model), "-n", "8", "Why pin seeds?"], capture_output=True, text=True)
+    assert direct.returncode == 0, direct.stderr
+    assert answer.stdout == direct.stdout
+
+
+def test_image_build_fails_when_its_sha256_label_would_lie(tiny_job_flake, tiny_adapter, tmp_path):
+    job, env = tiny_job_flake
+    lying = nixtest.nix(["build", "-L", f"path:{job}#image-lying-label", "--out-link", str(tmp_path / "x")], env)
+    assert lying.returncode != 0
+    assert "adapter_model.safetensors: FAILED" in lying.stderr, lying.stderr[-3000:]
+
+    weights = hashlib.sha256((tiny_adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    expr = (f'(builtins.getFlake "path:{job}").packages.{nixtest.nix_system()}.image.override '
+            f'{{ adapterSha256 = "{weights}"; }}')
+    honest = nixtest.nix(["build", "-L", "--impure", "--expr", expr, "--out-link", str(tmp_path / "image")], env)
+    assert honest.returncode == 0, honest.stderr[-3000:]
+    with tarfile.open(tmp_path / "image") as archive:
+        manifest = json.load(archive.extractfile("manifest.json"))
+        config = json.load(archive.extractfile(manifest[0]["Config"]))
+    assert config["config"]["Labels"]["org.reprolora.adapter.sha256"] == weights
+
+
+def test_dev_shell_imports_the_library_from_the_source_tree_and_runs_its_tests(tmp_path):
+    env = nixtest.nix_env(tmp_path)
+    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
+    override = ["--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"]
+    develop = ["develop", f"git+file://{nixtest.REPO}", *override, "--command"]
+    where = nixtest.nix([*develop, "sh", "-c", "command -v python; python -c 'import reprolora; print(reprolora.__file__)'"],
+                        env, cwd=nixtest.REPO)
+    assert where.returncode == 0, where.stderr[-3000:]
+    python, library = where.stdout.split()
+    assert python.startswith("/nix/store/") and python.endswith("-python3-env/bin/python"), python
+    assert library == str(nixtest.REPO / "python" / "reprolora" / "__init__.py")
+    # The fast tests the README names; one file of them here (the whole suite runs in the pytest check).
+    tests = nixtest.nix([*develop, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                         "-m", "not slow and not nix", "tests/test_config.py"], env, cwd=nixtest.REPO)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+
+
+def test_formatter_runs(tmp_path):
+    env = nixtest.nix_env(tmp_path)
+    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
+    result = nixtest.nix(["fmt", f"git+file://{nixtest.REPO}", "--override-input", "nixpkgs", f"path:{shim}",
+                          "--no-write-lock-file"], env, cwd=nixtest.REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "formats nothing" in result.stderr

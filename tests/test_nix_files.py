@@ -1,8 +1,10 @@
-"""The flake's files: every .nix file parses, the lock pins nixos-25.11, the outputs are the promised ones,
-the library's dependencies are the same in Nix and in pyproject.toml, and the hash check CI runs works."""
+"""The flake's files: every .nix file parses, the lock pins nixos-26.05, the outputs are the promised ones and
+every system's evaluate, packages say what they are, the library's dependencies are the same in Nix and in
+pyproject.toml, and the hash check CI runs works."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -33,102 +35,164 @@ def test_every_tracked_nix_file_parses():
         assert result.returncode == 0, f"{path}: {result.stderr}"
 
 
-def test_lock_pins_nixos_25_11_in_the_format_nix_writes():
+def test_lock_pins_nixos_26_05_in_the_format_nix_writes():
+    """rev, narHash and lastModified as two independent public flake.lock files have them (pr0d1r2/nix-hk, which
+    tracks nixos-26.05, and iNViTiON/xdg-desktop-portal-layercapture)."""
     lock = json.loads((nixtest.REPO / "flake.lock").read_text())
     assert lock["version"] == 7 and lock["root"] == "root"
     assert lock["nodes"]["root"] == {"inputs": {"nixpkgs": "nixpkgs"}}
     assert lock["nodes"]["nixpkgs"] == {
         "locked": {
-            "lastModified": 1778430510,
-            "narHash": "sha256-Ti+ZBvW6yrWWAg2szExVTwCd4qOJ3KlVr1tFHfyfi8Q=",
+            "lastModified": 1790450978,
+            "narHash": "sha256-/eLCD/X9kaWJqPR47+fDozEC87Hjmm3i8gJbYmDAD7g=",
             "owner": "NixOS",
             "repo": "nixpkgs",
-            "rev": "8fd9daa3db09ced9700431c5b7ad0e8ba199b575",
+            "rev": "5e2305d577ca00acbba631b05cb1094d172b29f3",
             "type": "github",
         },
-        "original": {"owner": "NixOS", "ref": "nixos-25.11", "repo": "nixpkgs", "type": "github"},
+        "original": {"owner": "NixOS", "ref": "nixos-26.05", "repo": "nixpkgs", "type": "github"},
     }
     assert (nixtest.REPO / "flake.lock").read_text() == json.dumps(lock, indent=2, sort_keys=True) + "\n"
+    assert 'inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";' in (nixtest.REPO / "flake.nix").read_text()
+
+
+@pytest.fixture(scope="module")
+def shim_env(tmp_path_factory) -> tuple[list[str], dict[str, str]]:
+    """The arguments that point the repository's flake at the shim, and the environment to run `nix` in."""
+    tmp_path = tmp_path_factory.mktemp("nix-files")
+    env = nixtest.nix_env(tmp_path)
+    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
+    return ["--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"], env
+
+
+def flake_eval(attribute: str, apply: str, shim_env) -> object:
+    override, env = shim_env
+    result = nixtest.nix(["eval", "--json", f"git+file://{nixtest.REPO}#{attribute}", "--apply", apply, *override],
+                         env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+SYSTEMS = ["aarch64-linux", "x86_64-linux"]
+PACKAGES = ["adapter", "base-model", "dataset", "default", "image", "infer", "reprolora"]
 
 
 @needs_nix
-def test_flake_outputs_are_the_promised_ones(tmp_path):
-    env = nixtest.nix_env(tmp_path)
-    shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
+def test_flake_outputs_are_the_promised_ones(shim_env):
     system = nixtest.nix_system()
-    systems = ["aarch64-linux", "x86_64-linux"]
-    packages = ["adapter", "base-model", "dataset", "default", "image", "infer", "reprolora"]
-    # Names only: nothing is built, and the shim lacks what only the image and the checks' builds use.
     expected = {
-        "packages": ("builtins.mapAttrs (_: builtins.attrNames)", {s: packages for s in systems}),
-        f"apps.{system}": ("builtins.attrNames", ["default", "infer"]),
+        "packages": ("builtins.mapAttrs (_: builtins.attrNames)", {s: PACKAGES for s in SYSTEMS}),
+        "apps": ("builtins.mapAttrs (_: builtins.attrNames)", {s: ["default", "infer"] for s in SYSTEMS}),
         f"checks.{system}": ("builtins.attrNames", ["adapter-reproducible", "infer-runs", "pytest"]),
-        f"devShells.{system}": ("builtins.attrNames", ["default"]),
-        "formatter": ("builtins.attrNames", systems),
+        "devShells": ("builtins.mapAttrs (_: builtins.attrNames)", {s: ["default"] for s in SYSTEMS}),
+        "formatter": ("builtins.attrNames", SYSTEMS),
     }
     for attribute, (apply, names) in expected.items():
-        result = nixtest.nix(["eval", "--json", f"git+file://{nixtest.REPO}#{attribute}", "--apply", apply,
-                              "--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"], env)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == names, attribute
+        assert flake_eval(attribute, apply, shim_env) == names, attribute
 
 
-def test_nix_package_declares_the_dependencies_of_pyproject():
-    pyproject = tomllib.loads((nixtest.REPO / "python" / "pyproject.toml").read_text())
-    declared = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in pyproject["project"]["dependencies"]}
+@needs_nix
+def test_every_system_evaluates(shim_env):
+    """What `nix flake check --all-systems` does before it builds (Nix 2.8 has no --all-systems; its flake check
+    evaluates every system): every output of aarch64-linux and x86_64-linux evaluates to derivations."""
+    override, env = shim_env
+    result = nixtest.nix(["flake", "check", "--no-build", f"git+file://{nixtest.REPO}", *override], env)
+    assert result.returncode == 0, result.stderr
+    systems_of = ("builtins.mapAttrs (_: packages: builtins.mapAttrs (_: p: p.system) packages)")
+    assert flake_eval("packages", systems_of, shim_env) == {s: {p: s for p in PACKAGES} for s in SYSTEMS}
+
+
+@needs_nix
+def test_every_package_says_what_it_is(shim_env):
+    meta = flake_eval(f"packages.{nixtest.nix_system()}",
+                      "builtins.mapAttrs (_: p: { inherit (p.meta) description; license = p.meta.license.spdxId; "
+                      "mainProgram = p.meta.mainProgram or null; homepage = p.meta.homepage or null; })", shim_env)
+    for name, fields in meta.items():
+        assert fields["description"] and fields["license"] == "Apache-2.0", name
+    # A program where there is one; data (a model, a dataset, an adapter, an image archive) has none to name.
+    assert {name: fields["mainProgram"] for name, fields in meta.items() if fields["mainProgram"]} == {
+        "infer": "reprolora-infer", "reprolora": "reprolora"}
+    assert meta["base-model"]["homepage"] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_nix_package_declares_the_dependencies_of_pyproject_and_only_the_base_model_gguf():
+    pyproject = tomllib.loads((nixtest.REPO / "python" / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
     nix = (nixtest.REPO / "pkgs" / "reprolora.nix").read_text()
     block = re.search(r"dependencies = with python3Packages; \[(.*?)\];", nix, re.S).group(1)
-    assert set(block.split()) == declared
+    assert set(block.split()) == names(pyproject["dependencies"])
+    assert names(pyproject["optional-dependencies"]["gguf"]) == {"gguf"}
+    assert "python3Packages.gguf" in (nixtest.REPO / "pkgs" / "base-model.nix").read_text()
+    for other in ("adapter", "infer", "image", "checks"):
+        assert "gguf" not in (nixtest.REPO / "pkgs" / f"{other}.nix").read_text(), other
 
 
-# pkgs/image.nix called with stand-ins for nixpkgs: what it would pass to dockerTools.buildLayeredImage.
+# pkgs/image.nix called with stand-ins for nixpkgs (the shim's lib): what it passes to
+# dockerTools.buildLayeredImage. The infer stand-in's override returns a wrapper named after the adapter it got.
 IMAGE_ARGS = """
 let
-  lib = {
-    optionalString = cond: s: if cond then s else "";
-    optionalAttrs = cond: attrs: if cond then attrs else { };
-  };
-  args = import ./pkgs/image.nix {
-    inherit lib;
+  lib = import ./lib.nix;
+  store = name: "/nix/store/${{builtins.substring 0 32 (builtins.hashString "sha256" name)}}-${{name}}";
+  package = name: {{ inherit name; outPath = store name; }};
+  defaultAdapter = package "reprolora-adapter";
+  args = import ./pkgs/image.nix {{
+    inherit lib defaultAdapter;
     stdenv.hostPlatform.system = "x86_64-linux";
     dockerTools.buildLayeredImage = args: args;
     reprolora.version = "0.1.0";
-    adapter = "/nix/store/00000000000000000000000000000000-reprolora-adapter";
-    infer = "/nix/store/11111111111111111111111111111111-reprolora-infer";
+    adapter = {adapter};
+    baseModel = package "base-model";
+    infer.override = {{ adapter, baseModel }}: {{
+      outPath = store "infer-for-${{adapter.name}}-${{baseModel.name}}";
+      meta.mainProgram = "reprolora-infer";
+    }};
     revision = "0123abc";
-  };
+  }};
 in
-{ inherit (args) tag created extraCommands; inherit (args.config) Entrypoint User Labels; }
+{{ inherit (args) tag created extraCommands; inherit (args.config) Entrypoint User Labels; }}
 """
 
 
+def store_path(name: str) -> str:
+    return f"/nix/store/{hashlib.sha256(name.encode()).hexdigest()[:32]}-{name}"
+
+
 @needs_nix
-@pytest.mark.parametrize("committed", [False, True])
-def test_image_labels_the_adapter_sha256_committed_in_expected_and_checks_it(tmp_path, committed):
+@pytest.mark.parametrize("case", ["no-hashes-committed", "committed", "other-adapter"])
+def test_image_serves_and_labels_its_own_adapter_and_checks_the_committed_sha256(tmp_path, case):
     (tmp_path / "pkgs").mkdir()
     shutil.copyfile(nixtest.REPO / "pkgs" / "image.nix", tmp_path / "pkgs" / "image.nix")
+    shutil.copyfile(nixtest.SHIM / "lib.nix", tmp_path / "lib.nix")
     weights = "ab" * 32
-    if committed:
+    if case != "no-hashes-committed":
         (tmp_path / "expected").mkdir()
         (tmp_path / "expected" / "adapter-x86_64-linux.sha256").write_text(
             f"{'cd' * 32}  adapter_config.json\n{weights}  adapter_model.safetensors\n{'ef' * 32}  manifest.json\n"
         )
-    result = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", IMAGE_ARGS],
+    adapter_name = "my-adapter" if case == "other-adapter" else "reprolora-adapter"
+    adapter = store_path(adapter_name)
+    expr = IMAGE_ARGS.format(adapter=f'package "{adapter_name}"')
+    result = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     image = json.loads(result.stdout)
 
     assert image["tag"] == "0.1.0" and image["created"] == "1970-01-01T00:00:01Z"
-    assert image["Entrypoint"] == ["/nix/store/11111111111111111111111111111111-reprolora-infer/bin/reprolora-infer"]
+    # The entrypoint is a wrapper for this image's adapter and base model, which the labels name.
+    assert image["Entrypoint"] == [store_path(f"infer-for-{adapter_name}-base-model") + "/bin/reprolora-infer"]
     assert image["User"] == "65534:65534"
     labels = image["Labels"]
     assert labels["org.opencontainers.image.revision"] == "0123abc"
-    assert labels["org.reprolora.adapter.store-path"] == "/nix/store/00000000000000000000000000000000-reprolora-adapter"
-    check = f'echo "{weights}  /nix/store/00000000000000000000000000000000-reprolora-adapter/adapter_model.safetensors" | sha256sum --check'
-    if committed:
+    assert labels["org.reprolora.adapter.store-path"] == adapter
+    assert labels["org.reprolora.base-model.store-path"] == store_path("base-model")
+    check = f'echo "{weights}  {adapter}/adapter_model.safetensors" | sha256sum -c'
+    if case == "committed":
         assert labels["org.reprolora.adapter.sha256"] == weights
         assert check in image["extraCommands"]
-    else:
+    else:  # nothing committed, or committed for the default adapter, not this one
         assert "org.reprolora.adapter.sha256" not in labels
         assert "sha256sum" not in image["extraCommands"]
 
@@ -140,8 +204,9 @@ def write_adapter(folder: Path) -> Path:
     return folder
 
 
-def check_hashes(result: Path, expected: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(CHECK_HASHES), str(result), str(expected)], capture_output=True, text=True)
+def check_hashes(result: Path, expected: Path, *out_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(CHECK_HASHES), str(result), str(expected), *map(str, out_dir)],
+                          capture_output=True, text=True)
 
 
 def test_hash_check_passes_on_the_committed_hashes_and_fails_on_any_other_byte(tmp_path):
@@ -152,21 +217,46 @@ def test_hash_check_passes_on_the_committed_hashes_and_fails_on_any_other_byte(t
 
     (adapter / "manifest.json").write_text("other bytes\n")
     failed = check_hashes(adapter, expected)
-    assert failed.returncode == 1 and "manifest.json" in failed.stdout
+    assert failed.returncode == 1 and "::error::" in failed.stdout and "manifest.json" in failed.stdout
 
     (adapter / "manifest.json").write_text("bytes of manifest.json\n")
     (adapter / "extra.txt").write_text("not part of an adapter\n")
     assert check_hashes(adapter, expected).returncode == 1
 
 
-def test_hash_check_without_a_committed_file_prints_what_to_commit(tmp_path):
+def test_hash_check_without_a_committed_file_warns_and_writes_the_lines_to_commit(tmp_path):
+    """A first run on a new system passes (so CI saves its Nix cache) and hands over the lines to commit."""
     adapter = write_adapter(tmp_path / "result")
-    missing = check_hashes(adapter, tmp_path / "adapter-x.sha256")
-    assert missing.returncode == 1
-    assert nixtest.sha256_lines(adapter) in missing.stdout
+    missing = check_hashes(adapter, tmp_path / "adapter-x.sha256", tmp_path / "upload")
+    assert missing.returncode == 0, missing.stdout + missing.stderr
+    assert "::warning::" in missing.stdout and nixtest.sha256_lines(adapter) in missing.stdout
+    assert (tmp_path / "upload" / "adapter-x.sha256").read_text() == nixtest.sha256_lines(adapter)
+    assert not (tmp_path / "adapter-x.sha256").exists()
 
 
-def test_committed_expected_hashes_name_every_adapter_file():
-    for path in sorted((nixtest.REPO / "expected").glob("adapter-*.sha256")):
-        names = [re.fullmatch(r"[0-9a-f]{64}  (\S+)", line).group(1) for line in path.read_text().splitlines()]
-        assert names == sorted(nixtest.ADAPTER_FILES), path
+def expected_file_problem(path: Path) -> str | None:
+    """What is wrong with a hash file of expected/: the Nix route's must name every file of result/, the pip
+    route's the adapter's weights and config (its manifest records the interpreter's patch version, which a pip
+    lock does not pin); each line as sha256sum writes it."""
+    lines = path.read_text().splitlines()
+    if not all(re.fullmatch(r"[0-9a-f]{64}  \S+", line) for line in lines):
+        return f"{path.name}: not sha256sum lines"
+    names = [line[66:] for line in lines]
+    wanted = sorted(nixtest.ADAPTER_FILES) if path.name.startswith("adapter-") else [
+        "adapter_config.json", "adapter_model.safetensors"]
+    return None if names == wanted else f"{path.name}: names {names}, not {wanted}"
+
+
+def test_the_expected_file_check_catches_a_wrong_file(tmp_path):
+    good = tmp_path / "pip-x86_64-linux-portable.sha256"
+    good.write_text(f"{'a' * 64}  adapter_config.json\n{'b' * 64}  adapter_model.safetensors\n")
+    assert expected_file_problem(good) is None
+    (tmp_path / "adapter-x86_64-linux.sha256").write_text(good.read_text())
+    assert "names" in expected_file_problem(tmp_path / "adapter-x86_64-linux.sha256")
+    good.write_text("abc  adapter_config.json\n")
+    assert "not sha256sum lines" in expected_file_problem(good)
+
+
+def test_committed_expected_hashes_are_sha256sum_lines_of_the_adapter_files():
+    problems = [expected_file_problem(path) for path in sorted((nixtest.REPO / "expected").glob("*.sha256"))]
+    assert not [p for p in problems if p], problems

@@ -148,7 +148,7 @@ BAD_REQUESTS = [
     ("empty prompt", "POST", "/v1/completions", {"prompt": ""}, 400),
     ("temperature", "POST", "/v1/completions", {**OK, "temperature": 0.7}, 400),
     ("temperature not a number", "POST", "/v1/completions", {**OK, "temperature": "0"}, 400),
-    ("stream", "POST", "/v1/completions", {**OK, "stream": True}, 400),
+    ("stream not a bool", "POST", "/v1/completions", {**OK, "stream": "yes"}, 400),
     ("n", "POST", "/v1/completions", {**OK, "n": 2}, 400),
     ("unknown field", "POST", "/v1/completions", {**OK, "suffix": "x"}, 400),
     ("max_tokens zero", "POST", "/v1/completions", {**OK, "max_tokens": 0}, 400),

@@ -15,7 +15,7 @@ same machine at the same time (compare ratios, not absolute numbers, on a shared
 Step time and tokens/s are reprolora's own (training steps only; the first step's warm-up included), peak RSS is
 that of the largest process, wall time covers loading too. For ws1/ws2 it also says whether the adapter bytes agree.
 
-    python python/benchmarks/bench_scaling.py [--steps 4] [--base-model DIR] [--no-torchrun]
+    python python/benchmarks/bench_scaling.py [--steps 4] [--rows tiny,135M,360M,ws] [--base-model DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,6 @@ config = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, 
 torch.manual_seed(0)
 model = LlamaForCausalLM(config)
 model.save_pretrained(folder, safe_serialization=True)
-print(sum(p.numel() for p in model.parameters()))
 """
 
 RESULT_LINE = re.compile(r"\| (\d+) steps, ([\d.]+) tokens/s, ([\d.]+) s")
@@ -88,55 +86,67 @@ def write_config(path: Path, threads: int, steps: int = 0) -> Path:
     return path
 
 
-def print_rows(rows: list[dict], reference: dict) -> None:
-    print(f"{'run':<6} {'steps':>5} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'wall s':>8} "
-          f"{'step time / ' + reference['name']:>18}")
-    for r in rows:
-        print(f"{r['name']:<6} {r['steps']:5d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} "
-              f"{r['wall_s']:8.1f} {r['step_s'] / reference['step_s']:18.2f}")
+HEADER = f"{'run':<6} {'steps':>5} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'wall s':>8} {'step time ratio':>16}"
+
+
+def print_row(r: dict, reference: dict) -> None:
+    """One row as soon as it is measured (a shared machine can be slow: what was measured is not lost)."""
+    print(f"{r['name']:<6} {r['steps']:5d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} "
+          f"{r['wall_s']:8.1f} {r['step_s'] / reference['step_s']:16.2f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="training steps of the tiny, 135M and 360M rows")
+    parser.add_argument("--rows", default="tiny,135M,360M,ws", help="which rows, of tiny, 135M, 360M, ws (default: all)")
     parser.add_argument("--base-model", default="", help="default: the built-in model, prepared into the cache")
-    parser.add_argument("--no-torchrun", action="store_true", help="leave out the world size 1 against 2 rows")
     args = parser.parse_args()
+    rows = args.rows.split(",")
     base = Path(args.base_model or subprocess.run([sys.executable, "-m", "reprolora", "base-model", "prepare"],
                                                   capture_output=True, text=True, check=True).stdout.strip())
     reprolora = [sys.executable, "-m", "reprolora"]
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        sys.path.insert(0, str(REPO / "tests"))
-        import tiny
-
-        tiny_model = tiny.make_model(scratch / "tiny")
-        built = subprocess.run([sys.executable, "-c", BUILD_360M, str(base), str(scratch / "360m")],
-                               capture_output=True, text=True)
-        if built.returncode != 0:
-            sys.exit(f"building the 360M model failed:\n{built.stderr[-3000:]}")
-        print(f"360M model: {int(built.stdout.split()[-1]):,} parameters (random, SmolLM2-360M's shape)")
         cut = write_config(scratch / "cut.toml", threads=2, steps=args.steps)
-        sizes = [train(name, reprolora, cut, scratch / f"out-{name}", model)
-                 for name, model in (("tiny", tiny_model), ("135M", base), ("360M", scratch / "360m"))]
-        shutil.rmtree(scratch / "360m")
-        print(f"\nModel size: the default job cut to {args.steps} steps, 2 threads")
-        print_rows(sizes, sizes[1])
+        if {"tiny", "135M", "360M"} & set(rows):
+            print(f"Model size: the default job cut to {args.steps} steps, 2 threads; step time ratio against the first row")
+            print(HEADER, flush=True)
+        reference = None
+        for name in ("tiny", "135M", "360M"):
+            if name not in rows:
+                continue
+            if name == "tiny":
+                sys.path.insert(0, str(REPO / "tests"))
+                import tiny
 
-        if args.no_torchrun:
+                model = tiny.make_model(scratch / "tiny")
+            elif name == "135M":
+                model = base
+            else:
+                model = scratch / "360m"
+                built = subprocess.run([sys.executable, "-c", BUILD_360M, str(base), str(model)], capture_output=True, text=True)
+                if built.returncode != 0:
+                    sys.exit(f"building the 360M model failed:\n{built.stderr[-3000:]}")
+            row = train(name, reprolora, cut, scratch / f"out-{name}", model)
+            reference = reference or row
+            print_row(row, reference)
+
+        if "ws" not in rows:
             return
         if importlib.util.find_spec("reprolora.distributed") is None:
             print("\nWorld size 1 against 2: left out, this reprolora has no data parallelism (reprolora.distributed)")
             return
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "reprolora"]
+        print("\nThe whole default job: world size 1 x 2 threads against world size 2 x 1 thread (torchrun)")
+        print(HEADER, flush=True)
         ws1 = train("ws1", reprolora, write_config(scratch / "ws1.toml", threads=2), scratch / "out-ws1", base)
+        print_row(ws1, ws1)
         ws2 = train("ws2", torchrun, write_config(scratch / "ws2.toml", threads=1), scratch / "out-ws2", base)
-        print("\nThe default job: world size 1 x 2 threads against world size 2 x 1 thread (torchrun, this machine)")
-        print_rows([ws1, ws2], ws1)
+        print_row(ws2, ws1)
         print(f"ws2/ws1: step time {ws2['step_s'] / ws1['step_s']:.2f}, wall {ws2['wall_s'] / ws1['wall_s']:.2f}, "
               f"peak RSS per process {ws2['peak_rss_mb'] / ws1['peak_rss_mb']:.2f}; adapter bytes "
-              f"{'identical' if ws1['adapter_sha256'] == ws2['adapter_sha256'] else 'DIFFER'}")
+              f"{'identical' if ws1['adapter_sha256'] == ws2['adapter_sha256'] else 'differ'}")
 
 
 if __name__ == "__main__":

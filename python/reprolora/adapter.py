@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reprolora import manifest
-from reprolora.canonical import canonical_json, sha256_file, write_file
+from reprolora.canonical import canonical_json, sha256_bytes, sha256_file, write_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -73,4 +73,21 @@ def check_files(folder: Path, recorded: manifest.Manifest) -> list[str]:
             if path.stat().st_size != expected[name].size or actual != expected[name].sha256:
                 problems.append(f"{name}: differs (sha256 {actual}, expected {expected[name].sha256})")
     problems += [f"{name}: extra file not in the manifest" for name in sorted(present - set(expected))]
+    return problems + _derived_hash_problems(recorded)
+
+
+def _derived_hash_problems(recorded: manifest.Manifest) -> list[str]:
+    """Hashes the manifest states over its own content, recomputed: the loss trace's, and the name of an unnamed
+    local base model (a hash of its files' hashes). The base model's files are checked where the folder is at
+    hand (`infer`); the probes' logits by replaying them (`infer --check`)."""
+    from reprolora import base_model
+
+    problems = []
+    actual = sha256_bytes(canonical_json(recorded.loss_trace))
+    if actual != recorded.loss_trace_sha256:
+        problems.append(f"{manifest.FILENAME}: loss_trace_sha256 differs from the loss trace it states (sha256 {actual})")
+    name, files = recorded.inputs.base_model.name, recorded.inputs.base_model.files
+    if name.startswith(base_model.LOCAL_NAME_PREFIX) and name != base_model.local_name(files):
+        problems.append(f"{manifest.FILENAME}: base model name {name!r} is not the hash of its files' hashes "
+                        f"({base_model.local_name(files)!r})")
     return problems

@@ -91,9 +91,22 @@ def default_wheel(wheel: Path | None = None) -> Path:
     return cached
 
 
+def _import_gguf() -> Any:
+    """The gguf package: an optional extra (`reprolora[gguf]`), needed only to convert the default model, so that
+    training on a converted or local model and serving never load it (nixpkgs' gguf pulls in Qt)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ReproloraError(
+            "converting the default base model needs the gguf package, which is not installed: "
+            "pip install 'reprolora[gguf]' (or pass --base-model DIR)"
+        ) from None
+    return gguf
+
+
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Write a Hugging Face Llama folder from a GGUF file: float32 weights, config and tokenizer."""
-    import gguf
+    gguf = _import_gguf()
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -235,6 +248,7 @@ def prepare_default(out: Path | None = None, wheel: Path | None = None) -> Path:
     if target.exists():
         check_folder(target, CONVERTED_SHA256)
         return target
+    _import_gguf()  # before downloading 93 MB that could not be converted
     wheel_path = default_wheel(wheel)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as scratch:
@@ -308,6 +322,13 @@ def resolve(path: str, name: str) -> BaseModel:
     check_local_folder(folder)
     hashes = folder_hashes(folder)
     if not name:
-        is_default = hashes == CONVERTED_SHA256
-        name = DEFAULT_NAME if is_default else f"local-model-sha256:{sha256_bytes(canonical_json(hashes))[:16]}"
+        name = DEFAULT_NAME if hashes == CONVERTED_SHA256 else local_name(hashes)
     return BaseModel(folder, name, hashes)
+
+
+LOCAL_NAME_PREFIX = "local-model-sha256:"
+
+
+def local_name(hashes: dict[str, str]) -> str:
+    """The identifier of an unnamed local model: a hash of its files' hashes, so `verify` can recompute it."""
+    return f"{LOCAL_NAME_PREFIX}{sha256_bytes(canonical_json(hashes))[:16]}"

@@ -54,13 +54,70 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from reprolora import adapter
 
     folder = Path(args.folder)
-    problems = adapter.verify(folder)
+    if (args.key or args.rebuild) and not args.attestation:
+        raise ReproloraError("--key and --rebuild check an attestation: give it with --attestation FILE")
+    try:
+        problems = [f"{folder}/{problem}" for problem in adapter.verify(folder)]
+    except ReproloraError as e:
+        if not args.attestation:
+            raise
+        problems = [str(e)]  # an unreadable manifest: the attestation still names what differs
+    checked = "every hash in the manifest holds"
+    if args.attestation:
+        from reprolora import attest
+
+        statement, signature_problems = attest.read(Path(args.attestation), Path(args.key) if args.key else None)
+        problems += signature_problems + attest.subject_problems(folder, statement)
+        checked += f"; every subject of {args.attestation} matches" + (
+            f" and its signature verifies with {args.key}" if args.key else " (signature not checked: no --key)")
+        if args.rebuild and not problems:
+            problems += attest.rebuild_problems(folder, statement, Path(args.dataset) if args.dataset else None,
+                                                Path(args.base_model) if args.base_model else None)
+            checked += "; retraining from the attested inputs gave the same bytes for every file"
     for problem in problems:
-        print(f"reprolora: {folder}/{problem}", file=sys.stderr)
+        print(f"reprolora: {problem}", file=sys.stderr)
     if problems:
         print(f"reprolora: verify failed: {len(problems)} problem(s) in {folder}", file=sys.stderr)
         return 1
-    print(f"reprolora: {folder}: every hash in the manifest holds")
+    print(f"reprolora: {folder}: {checked}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from reprolora import card
+
+    card.rewrite(Path(args.folder))
+    print(f"reprolora: wrote {Path(args.folder) / card.CARD} and recorded it in the manifest")
+    return 0
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from reprolora import attest
+
+    folder = Path(args.folder)
+    out = Path(args.output) if args.output else folder.parent / f"{folder.resolve().name}.intoto.json"
+    attest.attest(folder, out, Path(args.key) if args.key else None)
+    print(f"reprolora: wrote {out} ({'signed DSSE envelope' if args.key else 'unsigned in-toto statement'})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from reprolora import merge
+
+    measured = merge.merge(Path(args.adapter), Path(args.output), Path(args.base_model) if args.base_model else None)
+    print(f"reprolora: wrote {args.output} | {measured['probes']} golden probes: greedy tokens "
+          f"{'identical' if measured['probe_tokens_equal'] else 'DIFFER'} to the adapter's; logits differ from the "
+          f"adapter applied on the fly by at most {measured['max_abs_logit_difference']:.3g} (merging rounds differently)")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from reprolora import export_gguf
+    from reprolora.canonical import sha256_file
+
+    out = Path(args.output)
+    export_gguf.export(Path(args.folder), out, args.dtype)
+    print(f"reprolora: wrote {out} ({args.dtype}, sha256 {sha256_file(out)})")
     return 0
 
 
@@ -86,6 +143,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     from reprolora import fingerprint
 
     report = fingerprint.collect()
+    report["process"] = pins.process_state()  # read back from torch and MKL
     if args.against:
         report["against"] = fingerprint.against(report, recorded)
     print(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) if args.json else fingerprint.render(report))
@@ -270,9 +328,50 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     verify = commands.add_parser("verify", help="check every hash in an adapter folder's manifest",
-                                 description="Recompute every hash in FOLDER/manifest.json; exit 1 naming each file that differs, is missing or is extra.")
+                                 description="Recompute every hash in FOLDER/manifest.json; exit 1 naming each file that differs, is missing or is extra. "
+                                             "With --attestation, check it too: signature (--key), subjects, and with --rebuild "
+                                             "retrain from its inputs and compare every byte.")
     verify.add_argument("folder")
+    verify.add_argument("--attestation", help="also check this provenance (from `reprolora attest`): every subject's sha256")
+    verify.add_argument("--key", help="Ed25519 public key (PEM): the attestation must be signed by it")
+    verify.add_argument("--rebuild", action="store_true",
+                        help="also retrain from the attested inputs and compare every byte (a full training run)")
+    verify.add_argument("--dataset", help="with --rebuild: the dataset file (default: the built-in one, when attested)")
+    verify.add_argument("--base-model", help="with --rebuild: the base model folder (default: the built-in one, when attested)")
     verify.set_defaults(run=cmd_verify)
+
+    card = commands.add_parser("card", help="write the model card README.md of an adapter folder from its manifest",
+                               description="Write FOLDER/README.md (Hugging Face model card) from FOLDER/manifest.json "
+                                           "and record it in the manifest. Every other file must match the manifest.")
+    card.add_argument("folder")
+    card.set_defaults(run=cmd_card)
+
+    attest = commands.add_parser("attest", help="write in-toto/SLSA provenance for an adapter folder, optionally signed",
+                                 description="Write an in-toto Statement v1 with a SLSA Provenance v1 predicate for FOLDER "
+                                             "(subjects: every file; dependencies: base model, dataset, library), as a DSSE "
+                                             "envelope signed with --key, or bare. Deterministic bytes.")
+    attest.add_argument("folder")
+    attest.add_argument("-o", "--output", help="file to write (default: FOLDER.intoto.json beside the folder)")
+    attest.add_argument("--key", help="Ed25519 private key (unencrypted PEM, e.g. `openssl genpkey -algorithm ed25519`)")
+    attest.set_defaults(run=cmd_attest)
+
+    merge = commands.add_parser("merge", help="fold an adapter into its base model: one Hugging Face model folder",
+                                description="Write OUT: the base model with the LoRA deltas folded into its weights "
+                                            "(PEFT's merge_and_unload, float32, the adapter's pins), its config and "
+                                            "tokenizer, and a manifest naming the adapter's manifest sha256. transformers "
+                                            "loads it with no PEFT. Prints how far its logits are from the adapter's.")
+    merge.add_argument("adapter", help="adapter folder written by `reprolora train`")
+    merge.add_argument("-o", "--output", required=True, help="folder to write (must not exist)")
+    merge.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
+    merge.set_defaults(run=cmd_merge)
+
+    export = commands.add_parser("export-gguf", help="write a merged Llama model folder as GGUF for llama.cpp",
+                                 description="Write a GGUF file (llama.cpp's Llama layout) from a folder written by "
+                                             "`reprolora merge`. Only the Llama family.")
+    export.add_argument("folder", help="merged model folder written by `reprolora merge`")
+    export.add_argument("-o", "--output", required=True, help="GGUF file to write (must not exist)")
+    export.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight type (default: f32; norms stay f32)")
+    export.set_defaults(run=cmd_export_gguf)
 
     base = commands.add_parser("base-model", help="manage the default base model")
     base_commands = base.add_subparsers(dest="base_command", required=True, metavar="COMMAND")
@@ -341,9 +440,12 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--check", action="store_true", help="replay the golden probes; exit 1 on any difference")
     infer.set_defaults(run=cmd_infer)
 
-    serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible completions, greedy)",
-                                description="Serve ADAPTER over HTTP: POST /v1/completions, GET /v1/models, GET /healthz, "
-                                            "GET /metrics. Loads as `infer` does; SIGTERM finishes requests in flight, then exits 0.")
+    from reprolora.serve import ROUTES  # standard library only: no torch yet
+
+    serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible chat and completions, greedy)",
+                                description="Serve ADAPTER over HTTP: "
+                                            + "; ".join(f"{r.method} {r.path} ({r.summary})" for r in ROUTES)
+                                            + ". Loads as `infer` does; SIGTERM finishes requests in flight, then exits 0.")
     serve.add_argument("adapter", help="adapter folder written by `reprolora train`")
     serve.add_argument("--base-model", help="base model folder (default: the built-in default model, when the adapter was trained on it)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in a container)")

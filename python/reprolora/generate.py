@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from reprolora.dataset import prompt_ids
+from reprolora.dataset import Messages, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,14 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
 
 
 @torch.inference_mode()
-def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> Completion:
-    """Greedy decoding of `prompt` (as one user message) with a key/value cache."""
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+def greedy(model: Any, tokenizer: Any, prompt: str | Messages, max_new_tokens: int, stop: list[str] | None = None,
+           on_token: Callable[[list[int]], None] | None = None) -> Completion:
+    """Greedy decoding of `prompt` (one user message, or a conversation) with a key/value cache.
+
+    `on_token` sees the generated ids after each new token (streaming); it does not change what is decoded.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = prompt_ids(tokenizer, messages)
     eos = stop_token_ids(tokenizer, model)
     digest = hashlib.sha256()
     generated: list[int] = []
@@ -59,6 +64,8 @@ def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, stop: l
             finish = "stop"
             break
         generated.append(token)
+        if on_token is not None:
+            on_token(generated)
         if stop and any(s in tokenizer.decode(generated, skip_special_tokens=True) for s in stop):
             finish = "stop"
             break

@@ -104,18 +104,21 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
                  peft_model.get_base_model(), tokenizer, time.perf_counter() - started)
 
 
-def prompt_tokens(model: Model, prompt: str) -> int:
-    """How many tokens `prompt` takes once rendered as one user message, as decoding will see it."""
+def prompt_tokens(model: Model, prompt: str | list[dict[str, str]]) -> int:
+    """How many tokens `prompt` (one user message, or a conversation) takes once rendered, as decoding sees it."""
     from reprolora.dataset import prompt_ids
 
-    return len(prompt_ids(model.tokenizer, [{"role": "user", "content": prompt}]))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return len(prompt_ids(model.tokenizer, messages))
 
 
-def complete(model: Model, prompt: str, max_new_tokens: int, stop: list[str] | None = None) -> Any:
-    """Greedy completion of `prompt` (one user message, chat template when the tokenizer has one)."""
+def complete(model: Model, prompt: str | list[dict[str, str]], max_new_tokens: int, stop: list[str] | None = None,
+             on_token: Any = None) -> Any:
+    """Greedy completion of `prompt` (one user message, or a conversation; the chat template when the tokenizer has
+    one). `on_token(ids)` is called after each generated token, for streaming."""
     from reprolora.generate import greedy
 
-    return greedy(model.causal_lm, model.tokenizer, prompt, max_new_tokens, stop)
+    return greedy(model.causal_lm, model.tokenizer, prompt, max_new_tokens, stop, on_token)
 
 
 def token_ids_sha256(token_ids: list[int]) -> str:

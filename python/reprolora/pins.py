@@ -126,17 +126,19 @@ def overridden() -> dict[str, str]:
 
 
 def describe() -> dict[str, Any]:
-    """What fixes the numerics of this process: profile, threads, pinned variables, effective CPU capability and
-    BLAS. Goes into the manifest, so it holds nothing machine-specific beyond what changes the bits."""
+    """What fixes the numerics of this process: profile, threads, the pinned variables as this process has them,
+    effective CPU capability and BLAS. Goes into the manifest, so it holds nothing machine-specific beyond what
+    changes the bits."""
     import torch
 
     settings = applied()
-    env = pinned_environment(settings["profile"], settings["threads"])
+    names = sorted(pinned_environment(settings["profile"], settings["threads"]))
     return {
         "profile": settings["profile"],
         "threads": settings["threads"],
         "machine": machine(),
-        "environment": {name: env[name] for name in sorted(env)},
+        # Read back from the process, not from the table: a pin that did not reach os.environ shows here.
+        "environment": {name: os.environ.get(name) for name in names},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": blas(),
         "blas_version": blas_version(),
@@ -190,6 +192,51 @@ def _openblas_version() -> str | None:
         words = (get_config() or b"").decode(errors="replace").split()
         return words[1] if len(words) > 1 and words[0] == "OpenBLAS" else None
     return None
+
+# MKL's code-path branches (mkl_cbwr.h), as mkl_cbwr_get(MKL_CBWR_BRANCH) returns them.
+_MKL_CBWR_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
+                      9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+
+
+def process_state() -> dict[str, Any]:
+    """The numerics settings this process actually runs with, as torch and its libraries report them (not as the
+    pins intend them): `reprolora fingerprint` prints it, and the tests compare it with the profile."""
+    import torch
+
+    settings = applied()
+    parallel = torch.__config__.parallel_info()
+
+    def reported(key: str) -> int | None:
+        for line in parallel.splitlines():
+            if line.strip().startswith(key):
+                return int(line.split(":")[-1])
+        return None
+
+    return {
+        "environment": {name: os.environ.get(name) for name in sorted(pinned_environment(**settings))},
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "omp_max_threads": reported("omp_get_max_threads()"),
+        "mkl_max_threads": reported("mkl_get_max_threads()"),
+        "mkl_cbwr_branch": _mkl_cbwr_branch(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
+def _mkl_cbwr_branch() -> str | None:
+    """The code path MKL took from MKL_CBWR, read from the MKL linked into torch (None: torch has no MKL)."""
+    import ctypes
+
+    import torch
+
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        get = ctypes.CDLL(str(library)).mkl_serv_cbwr_get  # mkl_cbwr_get's own symbol in the static MKL
+    except (OSError, AttributeError):
+        return None
+    branch = get(1)  # MKL_CBWR_BRANCH
+    return _MKL_CBWR_BRANCHES.get(branch, str(branch))
 
 
 def blas() -> str:

@@ -171,8 +171,11 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
 
 def quick_job(work: Path) -> list[str]:
     """The tiny model, dataset and job (reprolora.tiny) written into `work`; returns the train arguments."""
+    import transformers
+
     from reprolora import tiny
 
+    transformers.utils.logging.disable_progress_bar()  # the table is the output
     model = tiny.make_model(work / "tiny-model")
     data = tiny.write_dataset(work / "tiny.jsonl")
     (work / "tiny.toml").write_text(tiny.CONFIG)

@@ -1,6 +1,8 @@
 """`reprolora serve`: one adapter behind a small OpenAI-compatible HTTP API, standard library only.
 
-Routes: POST /v1/completions, GET /v1/models, GET /healthz, GET /metrics (Prometheus text format).
+Routes (the ROUTES table): POST /v1/chat/completions, POST /v1/completions (both also as server-sent events with
+`stream: true`), GET /v1/models, GET /healthz, GET /metrics (Prometheus text format). The official `openai` client
+works against it (tests/test_chat.py).
 Greedy decoding only, so the answer to a request depends on nothing but the request: one lock serialises every
 use of the model and tokenizer, concurrent requests wait their turn (a batch would change the padding and with it
 the bits). Every error is a JSON body {"error": {"message", "type"}} with a 4xx/5xx status; tracebacks go to the
@@ -10,25 +12,47 @@ accepted finish, and exits 0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from reprolora import infer
 
-ROUTES = ("/v1/completions", "/v1/models", "/healthz", "/metrics")
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    handler: str  # the Handler method that answers it
+    summary: str
+
+
+# The one list of routes: dispatch, the 404 message and `reprolora serve --help` all read it.
+ROUTES = (
+    Route("/v1/chat/completions", "POST", "chat_completions", "greedy answer to chat messages (stream: true for SSE)"),
+    Route("/v1/completions", "POST", "completions", "greedy completion of a prompt (stream: true for SSE)"),
+    Route("/v1/models", "GET", "models", "the served model, named by its manifest's sha256"),
+    Route("/healthz", "GET", "healthz", "liveness"),
+    Route("/metrics", "GET", "metrics", "Prometheus metrics"),
+)
+ROUTE_BY_PATH = {route.path: route for route in ROUTES}
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
                411: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
-# Fields of OpenAI's completions request that greedy decoding can honour only at their neutral value.
-NEUTRAL = {"n": 1, "best_of": 1, "stream": False, "echo": False, "logprobs": None, "top_p": 1,
-           "presence_penalty": 0, "frequency_penalty": 0}
+# Fields of OpenAI's completions and chat requests that greedy decoding can honour only at their neutral value.
+NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_p": 1, "presence_penalty": 0,
+           "frequency_penalty": 0}
+CHAT_NEUTRAL = {"n": 1, "logprobs": False, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0,
+                "parallel_tool_calls": None, "tool_choice": "none"}
 IGNORED = ("user", "seed")  # accepted and ignored: they can't change a greedy answer
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
 
 
@@ -100,45 +124,143 @@ def _neutral(value: Any, wanted: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == wanted
 
 
-def parse_completion_request(body: bytes, model_id: str, limits: Limits) -> tuple[str, int, list[str]]:
-    """(prompt, max_tokens, stop) of a completions request, or a RequestError saying what is wrong."""
+@dataclass(frozen=True)
+class Request:
+    """What a completions or chat request asks for, checked."""
+
+    prompt: str | list[dict[str, str]]  # a prompt (one user message) or chat messages
+    max_tokens: int
+    stops: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+
+
+def _object(body: bytes) -> dict[str, Any]:
     try:
         request = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from None
     if not isinstance(request, dict):
         raise RequestError(400, "request body must be a JSON object")
-    known = {"model", "prompt", "max_tokens", "stop", "temperature", *NEUTRAL, *IGNORED}
-    unknown = sorted(set(request) - known)
+    return request
+
+
+def _common(request: dict[str, Any], model_id: str, limits: Limits, neutral: dict[str, Any], allowed: set[str],
+            max_tokens_fields: tuple[str, ...]) -> tuple[int, list[str], bool, bool]:
+    """(max_tokens, stops, stream, include_usage): the fields completions and chat share, checked."""
+    unknown = sorted(set(request) - allowed - {"model", "stop", "temperature", "stream", "stream_options", *neutral,
+                                               *IGNORED, *max_tokens_fields})
     if unknown:
         raise RequestError(400, f"unsupported field(s): {', '.join(unknown)}")
     if "model" in request and request["model"] != model_id:
         raise RequestError(404, f"model {request['model']!r} not found; this server serves {model_id!r}")
-    prompt = request.get("prompt")
-    if not isinstance(prompt, str):
-        raise RequestError(400, "'prompt' is required and must be a string")
-    if not prompt:
-        raise RequestError(400, "'prompt' must not be empty")
     temperature = request.get("temperature")
     if temperature is not None and not _neutral(temperature, 0):
         raise RequestError(400, f"'temperature' must be 0 or absent: this server decodes greedily, got {temperature!r}")
-    for name, wanted in NEUTRAL.items():
+    for name, wanted in neutral.items():
         if name in request and request[name] is not None and not _neutral(request[name], wanted):
             raise RequestError(400, f"'{name}' is not supported except as {json.dumps(wanted)}, got {json.dumps(request[name])}")
-    max_tokens = request.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
+    given = [name for name in max_tokens_fields if request.get(name) is not None]
+    if len(given) > 1:
+        raise RequestError(400, f"give one of {' and '.join(repr(n) for n in given)}, not both")
+    name = given[0] if given else max_tokens_fields[0]
+    max_tokens = request[name] if given else min(limits.default_max_tokens, limits.max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise RequestError(400, f"'max_tokens' must be a positive integer, got {json.dumps(max_tokens)}")
+        raise RequestError(400, f"'{name}' must be a positive integer, got {json.dumps(max_tokens)}")
     if max_tokens > limits.max_tokens:
-        raise RequestError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limits.max_tokens}")
+        raise RequestError(400, f"'{name}' is {max_tokens}; this server allows at most {limits.max_tokens}")
     stop = request.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(400, "'stop' must be a non-empty string or a list of them")
     if len(stops) > MAX_STOP:
         raise RequestError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP}")
-    return prompt, max_tokens, stops
+    stream = request.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(400, f"'stream' must be true or false, got {json.dumps(stream)}")
+    options = request.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise RequestError(400, "'stream_options' may only hold 'include_usage': true or false")
+    if options is not None and not stream:
+        raise RequestError(400, "'stream_options' is only allowed with 'stream': true")
+    return max_tokens, stops, bool(stream), bool((options or {}).get("include_usage"))
+
+
+def parse_completion_request(body: bytes, model_id: str, limits: Limits) -> Request:
+    """A completions request, or a RequestError saying what is wrong."""
+    request = _object(body)
+    max_tokens, stops, stream, usage = _common(request, model_id, limits, NEUTRAL, {"prompt"}, ("max_tokens",))
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError(400, "'prompt' is required and must be a string")
+    if not prompt:
+        raise RequestError(400, "'prompt' must not be empty")
+    return Request(prompt, max_tokens, stops, stream, usage)
+
+
+def _message_text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts (what the openai client sends for multi-part)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(400, f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(400, f"{where}: 'content' must be a string or a list of text parts")
+
+
+def parse_chat_request(body: bytes, model_id: str, limits: Limits) -> Request:
+    """A chat completions request, or a RequestError saying what is wrong."""
+    request = _object(body)
+    max_tokens, stops, stream, usage = _common(request, model_id, limits, CHAT_NEUTRAL, {"messages"},
+                                               ("max_completion_tokens", "max_tokens"))
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' is required and must be a non-empty list")
+    conversation = []
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
+        if not isinstance(message, dict):
+            raise RequestError(400, f"{where} must be an object with 'role' and 'content'")
+        extra = sorted(set(message) - {"role", "content", "name"})
+        if extra:
+            raise RequestError(400, f"{where}: unsupported field(s): {', '.join(extra)}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(400, f"{where}: role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        conversation.append({"role": CHAT_ROLES[role], "content": _message_text(message.get("content"), where)})
+    if conversation[-1]["role"] == "assistant":
+        raise RequestError(400, "the last message must not be the assistant's: there is nothing to answer")
+    return Request(conversation, max_tokens, stops, stream, usage)
+
+
+class TextStream:
+    """Turns the growing list of generated ids into text deltas, sending only text that can't change any more:
+    not a partial UTF-8 character, and not the start of a stop string (which would be cut)."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], send: Any) -> None:
+        self.tokenizer, self.send = tokenizer, send
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.stops = stops
+        self.sent = ""
+
+    def on_token(self, ids: list[int]) -> None:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or any(s in text for s in self.stops) or not text.startswith(self.sent):
+            return  # wait: an incomplete character, or the answer ends here (finish sends the rest)
+        safe = text[: len(text) - self.hold] if self.hold else text
+        if len(safe) > len(self.sent):
+            self.send(safe[len(self.sent):])
+            self.sent = safe
+
+    def finish(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.send(text[len(self.sent):])
+            self.sent = text
 
 
 class Server(ThreadingHTTPServer):
@@ -154,39 +276,66 @@ class Server(ThreadingHTTPServer):
         self.model_lock = threading.Lock()
         self.started = int(time.time())
         self.served = 0
+        self.ids = itertools.count(1)  # response ids; next() on a count is atomic under the GIL
 
-    def complete(self, prompt: str, max_tokens: int, stops: list[str]) -> dict[str, Any]:
+    def generate(self, request: Request, on_token: Any = None) -> tuple[Any, int]:
+        """(completion, prompt tokens): greedy decoding under the model lock, limits checked first."""
         self.metrics.queue(1)
         with self.model_lock:  # the tokenizer is not thread-safe either, so counting happens in here too
             self.metrics.queue(-1)
-            n_prompt = infer.prompt_tokens(self.model, prompt)
+            n_prompt = infer.prompt_tokens(self.model, request.prompt)
             if n_prompt > self.limits.max_prompt_tokens:
                 raise RequestError(400, f"prompt is {n_prompt} tokens; this server allows at most {self.limits.max_prompt_tokens}")
-            if n_prompt + max_tokens > self.model.context_length:
-                raise RequestError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            if n_prompt + request.max_tokens > self.model.context_length:
+                raise RequestError(400, f"prompt ({n_prompt} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
                                         f"context length of {self.model.context_length}")
-            completion = infer.complete(self.model, prompt, max_tokens, stops or None)
+            completion = infer.complete(self.model, request.prompt, request.max_tokens, request.stops or None, on_token)
             self.served += 1
-            number = self.served
         self.metrics.add_tokens(n_prompt, len(completion.token_ids))
+        return completion, n_prompt
+
+    def complete(self, prompt: str, max_tokens: int, stops: list[str]) -> dict[str, Any]:
+        """A completions response (OpenAI's text_completion object) for one prompt."""
+        completion, n_prompt = self.generate(Request(prompt, max_tokens, stops))
         return {
-            "id": f"cmpl-{number}",
+            "id": f"cmpl-{next(self.ids)}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.model.id,
-            "choices": [{
-                "index": 0,
-                "text": completion.text,
-                "logprobs": None,
-                "finish_reason": completion.finish_reason,
-                # Extensions: what makes two answers comparable bit for bit.
-                "token_ids": completion.token_ids,
-                "token_ids_sha256": infer.token_ids_sha256(completion.token_ids),
-                "logits_sha256": completion.logits_sha256,
-            }],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(completion.token_ids),
-                      "total_tokens": n_prompt + len(completion.token_ids)},
+            "choices": [{"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason,
+                         **_proof(completion)}],
+            "usage": _usage(n_prompt, completion),
         }
+
+    def chat(self, request: Request) -> dict[str, Any]:
+        """A chat completions response (OpenAI's chat.completion object)."""
+        completion, n_prompt = self.generate(request)
+        return {
+            "id": f"chatcmpl-{next(self.ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model.id,
+            "system_fingerprint": self.fingerprint,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                         "logprobs": None, "finish_reason": completion.finish_reason, **_proof(completion)}],
+            "usage": _usage(n_prompt, completion),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: what the answers depend on besides the request, here the manifest."""
+        return f"fp_{self.model.manifest_sha256[:16]}"
+
+
+def _proof(completion: Any) -> dict[str, Any]:
+    """Extensions of each choice: what makes two answers comparable bit for bit."""
+    return {"token_ids": completion.token_ids, "token_ids_sha256": infer.token_ids_sha256(completion.token_ids),
+            "logits_sha256": completion.logits_sha256}
+
+
+def _usage(n_prompt: int, completion: Any) -> dict[str, int]:
+    n = len(completion.token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -209,36 +358,123 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         started = time.perf_counter()
         path = self.path.split("?", 1)[0]
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTE_BY_PATH else "other"
+        self._streaming = False
         try:
-            status, body, content_type = self._route(method, path)
+            answer = self._route(method, path)
         except RequestError as e:
-            status, body, content_type = e.status, _error_body(e.status, str(e)), "application/json"
+            answer = e.status, _error_body(e.status, str(e)), "application/json"
         except Exception:  # a bug: tell the operator, not the client
             traceback.print_exc(file=sys.stderr)
-            status, body, content_type = 500, _error_body(500, "internal error; see the server log"), "application/json"
-        self._send(status, body, content_type)
+            if self._streaming:  # the status line has gone out: end the stream with an error event
+                self._write_event({"error": {"message": "internal error; see the server log", "type": "server_error"}})
+                answer = None
+            else:
+                answer = 500, _error_body(500, "internal error; see the server log"), "application/json"
+        status = 200
+        if answer is not None:  # None: the answer was streamed
+            status = answer[0]
+            self._send(*answer)
         self.server.metrics.observe(route, status, time.perf_counter() - started)
 
-    def _route(self, method: str, path: str) -> tuple[int, bytes, str]:
-        wanted = {"/v1/completions": "POST", "/v1/models": "GET", "/healthz": "GET", "/metrics": "GET"}.get(path)
-        if wanted is None:
-            raise RequestError(404, f"no route {path!r}; routes: {', '.join(ROUTES)}")
-        if method != wanted:
-            raise RequestError(405, f"{path} takes {wanted}, not {method}")
+    def _route(self, method: str, path: str) -> tuple[int, bytes, str] | None:
+        route = ROUTE_BY_PATH.get(path)
+        if route is None:
+            raise RequestError(404, f"no route {path!r}; routes: {', '.join(r.method + ' ' + r.path for r in ROUTES)}")
+        if method != route.method:
+            raise RequestError(405, f"{path} takes {route.method}, not {method}")
+        return getattr(self, route.handler)()
+
+    def healthz(self) -> tuple[int, bytes, str]:
+        return 200, _json({"status": "ok", "model": self.server.model.id}), "application/json"
+
+    def metrics(self) -> tuple[int, bytes, str]:
+        return 200, self.server.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
+
+    def models(self) -> tuple[int, bytes, str]:
         model = self.server.model
-        if path == "/healthz":
-            return 200, _json({"status": "ok", "model": model.id}), "application/json"
-        if path == "/metrics":
-            return 200, self.server.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8"
-        if path == "/v1/models":
-            return 200, _json({"object": "list", "data": [{
-                "id": model.id, "object": "model", "created": self.server.started, "owned_by": "reprolora",
-                "manifest_sha256": model.manifest_sha256,
-                "base_model": model.manifest.inputs.base_model.name,
-            }]}), "application/json"
-        prompt, max_tokens, stops = parse_completion_request(self._read_body(), model.id, self.server.limits)
-        return 200, _json(self.server.complete(prompt, max_tokens, stops)), "application/json"
+        return 200, _json({"object": "list", "data": [{
+            "id": model.id, "object": "model", "created": self.server.started, "owned_by": "reprolora",
+            "manifest_sha256": model.manifest_sha256,
+            "base_model": model.manifest.inputs.base_model.name,
+        }]}), "application/json"
+
+    def completions(self) -> tuple[int, bytes, str] | None:
+        server = self.server
+        request = parse_completion_request(self._read_body(), server.model.id, server.limits)
+        if not request.stream:
+            return 200, _json(server.complete(request.prompt, request.max_tokens, request.stops)), "application/json"
+        head = {"id": f"cmpl-{next(server.ids)}", "object": "text_completion", "created": int(time.time()),
+                "model": server.model.id}
+
+        def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **extra}]}
+
+        self._stream(request, lambda delta: chunk(delta),
+                     lambda completion: chunk("", completion.finish_reason, **_proof(completion)), head)
+        return None
+
+    def chat_completions(self) -> tuple[int, bytes, str] | None:
+        server = self.server
+        request = parse_chat_request(self._read_body(), server.model.id, server.limits)
+        if not request.stream:
+            return 200, _json(server.chat(request)), "application/json"
+        head = {"id": f"chatcmpl-{next(server.ids)}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": server.model.id, "system_fingerprint": server.fingerprint}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]}
+
+        # OpenAI's first chunk carries the role, and the content deltas follow.
+        self._stream(request, lambda delta: chunk({"content": delta}),
+                     lambda completion: chunk({}, completion.finish_reason, **_proof(completion)), head,
+                     first=chunk({"role": "assistant", "content": ""}))
+        return None
+
+    def _stream(self, request: Request, delta_chunk: Any, last_chunk: Any, head: dict[str, Any],
+                first: dict[str, Any] | None = None) -> None:
+        """Answer as server-sent events: `data: {chunk}` per text delta, the finish chunk, then `data: [DONE]`.
+
+        The status line goes out with the first token, so a request that breaks a limit still gets a JSON error.
+        """
+
+        def send(delta: str) -> None:
+            if not self._streaming:
+                self._start_stream(first)
+            self._write_event(delta_chunk(delta))
+
+        stream = TextStream(self.server.model.tokenizer, request.stops, send)
+        completion, n_prompt = self.server.generate(request, stream.on_token)
+        stream.finish(completion.text)
+        if not self._streaming:
+            self._start_stream(first)
+        self._write_event(last_chunk(completion))
+        if request.include_usage:
+            self._write_event({**head, "choices": [], "usage": _usage(n_prompt, completion)})
+        self._write_raw(b"data: [DONE]\n\n")
+
+    def _start_stream(self, first: dict[str, Any] | None) -> None:
+        self._streaming = True
+        self.close_connection = True  # the end of the stream is the end of the connection (HTTP/1.0)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if first is not None:
+            self._write_event(first)
+
+    def _write_event(self, obj: Any) -> None:
+        self._write_raw(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    def _write_raw(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left; decoding goes on to the end under the lock, as a non-streamed request would
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import adapter, base_model, checkpoint, dataset, distributed, families, manifest, pins
+from reprolora import adapter, base_model, card, checkpoint, dataset, distributed, families, manifest, pins
 from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.config import Config
 from reprolora.dataset import IGNORE, Tokenized
@@ -246,8 +246,9 @@ def fold(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def grad_norm(flat_grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The global L2 norm as clip_grad_norm_ computes it (the norm of the per-tensor norms), with each tensor's
-    norm taken over fixed chunks so that no reduction splits by thread."""
+    """The global L2 norm as clip_grad_norm_ computes it (the norm of the per-tensor norms), each tensor's norm
+    taken over fixed chunks. torch 2.13's vector_norm measured thread-invariant here even without the chunks;
+    they keep the bits independent of how a future kernel splits a long reduction."""
     norms = []
     for grad in flat_grad.split(sizes):
         chunks = grad.split(REDUCTION_CHUNK)
@@ -399,6 +400,7 @@ def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int 
         body = manifest_body(job, state, after, golden_probes(job))
         with publish_dir(out) as staging:
             adapter.write_adapter(job.peft_model, staging, job.base.name)
+            card.write_card(staging, body)
             manifest.write(staging, body)
     finally:
         world.close()

@@ -20,7 +20,7 @@ BUILD_STEP = REPO / "pkgs" / "build-step.sh"
 SHIM = Path(__file__).resolve().parent / "nixpkgs-shim"
 
 # The files an adapter folder holds, as the library's contract states.
-ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
+ADAPTER_FILES = {"README.md", "adapter_model.safetensors", "adapter_config.json", "manifest.json"}
 
 def venv_bin() -> Path:
     """The folder of the Python running the tests: its `reprolora` script is the one the builds run."""
@@ -52,13 +52,18 @@ def host_paths() -> list[str]:
     return sorted(paths)
 
 
+def host_bash() -> str:
+    return os.path.realpath(shutil.which("bash"))
+
+
 def nix_env(folder: Path) -> dict[str, str]:
     """The environment for `nix` commands: a nix.conf of our own (sandbox on, no substituters, no registry)."""
     conf_dir = folder / "nix-conf"
     conf_dir.mkdir(parents=True, exist_ok=True)
     registry = conf_dir / "registry.json"
     registry.write_text('{"flakes": [], "version": 2}\n')
-    sandbox_paths = ["/bin/sh=/bin/busybox", "/bin/busybox", "/lib", "/lib64", "/usr/lib", *host_paths()]
+    # bash: the builder `nix develop` needs (the shim's mkShell).
+    sandbox_paths = ["/bin/sh=/bin/busybox", "/bin/busybox", "/lib", "/lib64", "/usr/lib", host_bash(), *host_paths()]
     (conf_dir / "nix.conf").write_text(
         "experimental-features = nix-command flakes\n"
         "sandbox = true\n"
@@ -96,6 +101,7 @@ def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
         "{\n"
         f'  system = "{nix_system()}";\n'
         f'  python = "{sys.executable}";\n'
+        f'  bash = "{host_bash()}";\n'
         f'  sitePackages = "{sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/")}";\n'
         f'  fingerprint = "{toolchain_fingerprint()}";\n'
         "  files = {\n" + "\n".join(entries) + "\n  };\n"

@@ -27,5 +27,20 @@ rec {
     in
     f (builtins.intersectAttrs (builtins.functionArgs f) autoArgs // args);
 
+  escapeShellArg = arg: "'${builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg)}'";
+  escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
+
   makeBinPath = paths: builtins.concatStringsSep ":" (map (path: "${path}/bin") paths);
+
+  optionalString = cond: string: if cond then string else "";
+  optionalAttrs = cond: attrs: if cond then attrs else { };
+  addMetaAttrs = newAttrs: drv: drv // { meta = (drv.meta or { }) // newAttrs; };
+  getExe = drv: "${drv}/bin/${drv.meta.mainProgram}";
+
+  licenses.asl20 = {
+    spdxId = "Apache-2.0";
+    shortName = "asl20";
+    fullName = "Apache License 2.0";
+    free = true;
+  };
 }

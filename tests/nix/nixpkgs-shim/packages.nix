@@ -1,10 +1,14 @@
-# The package set: runCommand, writeShellApplication, fetchurl and a python3Packages whose packages are this machine's Python and
-# its installed modules. Host paths reach the sandbox through nix.conf's sandbox-paths: /bin/sh and
-# /bin/busybox (busybox-static), the Python prefixes and the system libraries.
-{ lib, host }:
+# The package set: what the flake's outputs use, each a stand-in that builds and says what it does not do. Its
+# python3Packages are this machine's Python and its installed modules. Host paths reach the sandbox through
+# nix.conf's sandbox-paths: /bin/sh and /bin/busybox (busybox-static), the Python prefixes (which hold /usr, and
+# so bash) and the system libraries.
+{
+  lib,
+  host,
+  system,
+}:
 
 let
-  inherit (host) system;
   busybox = "/bin/busybox";
   shell = "/bin/sh";
 
@@ -33,6 +37,7 @@ let
         builtins.removeAttrs env [
           "nativeBuildInputs"
           "passthru"
+          "meta"
         ]
         // {
           inherit name system buildCommand;
@@ -48,16 +53,21 @@ let
     drv
     // (env.passthru or { })
     // {
+      meta = env.meta or { };
       overrideAttrs = attrs: runCommand (attrs.name or name) (env // builtins.removeAttrs attrs [ "name" ]) buildCommand;
     };
 
-  python = {
-    interpreter = host.python;
-    inherit (host) sitePackages;
-  };
+  interpreter = host.python;
 
   # A module installed in the host Python. Packages that depend on it check that it imports.
   hostModule = module: { inherit module; };
+
+  importCheck =
+    packages:
+    let
+      modules = map (p: p.module) (builtins.filter (p: p ? module) packages);
+    in
+    lib.optionalString (modules != [ ]) "${interpreter} -c 'import ${builtins.concatStringsSep ", " modules}'";
 
   # Like nixpkgs' buildPythonPackage: builds and installs the package from its source, offline, into $out,
   # wraps its scripts so they find it, and checks that pythonImportsCheck's modules import from $out.
@@ -69,6 +79,7 @@ let
       build-system ? [ ],
       dependencies ? [ ],
       pythonImportsCheck ? [ ],
+      passthru ? { },
       meta ? { },
       ...
     }:
@@ -77,37 +88,82 @@ let
         # The host toolchain is not in the store: its fingerprint stands for it, so that another toolchain
         # gives another derivation.
         hostToolchain = host.fingerprint;
-        passthru = { inherit pname version meta; };
+        passthru = passthru // {
+          inherit pname version;
+        };
+        inherit meta;
       }
       ''
         export HOME=$TMPDIR PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-        ${python.interpreter} -c 'import ${
-          builtins.concatStringsSep ", " (map (dep: dep.module) (build-system ++ dependencies))
-        }'
+        ${importCheck (build-system ++ dependencies)}
         cp -r ${src} source
         chmod -R u+w source
-        ${python.interpreter} -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
+        ${interpreter} -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
           --no-compile --ignore-installed --prefix $out ./source
-        site=$out/${python.sitePackages}
+        site=$out/${host.sitePackages}
         for script in $out/bin/*; do
           wrapped=$out/bin/.$(basename $script)-wrapped
           mv $script $wrapped
           cat > $script <<WRAPPER
         #!/bin/sh
         export PYTHONPATH="$site\''${PYTHONPATH:+:\$PYTHONPATH}"
-        exec ${python.interpreter} $wrapped "\$@"
+        exec ${interpreter} $wrapped "\$@"
         WRAPPER
           chmod +x $script
         done
         for module in ${toString pythonImportsCheck}; do
-          PYTHONPATH=$site ${python.interpreter} -c "import os, $module
+          PYTHONPATH=$site ${interpreter} -c "import os, $module
         assert $module.__file__.startswith(os.environ['out'] + '/'), $module.__file__"
         done
       '';
-in
-{
-  inherit lib runCommand;
-  runtimeShell = shell;
+
+  # Like nixpkgs' python.withPackages: bin/python is the host interpreter with the chosen packages built here
+  # on its path (the host modules are the host's own, checked to import), and bin/ holds their programs.
+  withPackages =
+    choose:
+    let
+      chosen = choose python3Packages;
+      built = builtins.filter (p: p ? outPath) chosen;
+      sitePath = builtins.concatStringsSep ":" (map (p: "${p}/${host.sitePackages}") built);
+    in
+    runCommand "python3-env"
+      {
+        hostToolchain = host.fingerprint;
+        meta.mainProgram = "python";
+      }
+      ''
+        ${importCheck chosen}
+        mkdir -p $out/bin
+        cat > $out/bin/python <<WRAPPER
+        #!/bin/sh
+        export PYTHONPATH="${sitePath}\''${PYTHONPATH:+:\$PYTHONPATH}"
+        exec ${interpreter} "\$@"
+        WRAPPER
+        chmod +x $out/bin/python
+        ln -s python $out/bin/python3
+        for package in ${toString built}; do
+          for program in $package/bin/*; do
+            if [ -e "$program" ]; then ln -s "$program" $out/bin/; fi
+          done
+        done
+      '';
+
+  python3Packages = {
+    inherit buildPythonPackage;
+    python = {
+      inherit interpreter withPackages;
+      inherit (host) sitePackages;
+    };
+    setuptools = hostModule "setuptools";
+    gguf = hostModule "gguf";
+    numpy = hostModule "numpy";
+    peft = hostModule "peft";
+    pytest = hostModule "pytest";
+    safetensors = hostModule "safetensors";
+    torch = hostModule "torch";
+    tqdm = hostModule "tqdm";
+    transformers = hostModule "transformers";
+  };
 
   # Like nixpkgs' writeShellApplication, without its shellcheck pass, and with busybox sh for bash.
   writeShellApplication =
@@ -115,9 +171,10 @@ in
       name,
       text,
       runtimeInputs ? [ ],
+      meta ? { },
       ...
     }:
-    runCommand name { passthru.meta.mainProgram = name; } ''
+    runCommand name { meta = { mainProgram = name; } // meta; } ''
       mkdir -p $out/bin
       cat > $out/bin/${name} <<'SCRIPT'
       #!${busybox} sh
@@ -127,8 +184,13 @@ in
       SCRIPT
       chmod +x $out/bin/${name}
     '';
+in
+{
+  inherit lib runCommand writeShellApplication python3Packages;
+  runtimeShell = shell;
 
   # Only local copies of known files: the sandbox has no network, and neither has this machine for nixpkgs.
+  # Another file evaluates (as nixpkgs' fetchurl does) and fails to build, naming what is missing.
   fetchurl =
     { url, hash }:
     if host.files ? ${hash} then
@@ -139,17 +201,96 @@ in
         recursive = false;
       }
     else
-      throw "nixpkgs-shim: no local copy of ${url} (${hash}) in host.nix";
+      derivation {
+        name = baseNameOf url;
+        inherit system;
+        builder = shell;
+        args = [
+          "-c"
+          "echo 'nixpkgs-shim: no local copy of ${url} (${hash}) in host.nix' >&2; exit 1"
+        ];
+        outputHashMode = "flat";
+        outputHash = hash;
+      };
 
-  python3Packages = {
-    inherit python buildPythonPackage;
-    setuptools = hostModule "setuptools";
-    gguf = hostModule "gguf";
-    numpy = hostModule "numpy";
-    peft = hostModule "peft";
-    safetensors = hostModule "safetensors";
-    torch = hostModule "torch";
-    tqdm = hostModule "tqdm";
-    transformers = hostModule "transformers";
-  };
+  # Only what pkgs/image.nix reads of it: no compilers here.
+  stdenv.hostPlatform = { inherit system; };
+
+  # Like nixpkgs' mkShell, for `nix develop`: its environment is `packages`' bin/ on PATH (no stdenv, so no
+  # compilers and no setup hooks), and `shellHook`. `nix develop` wants a builder named bash: the host's.
+  mkShell =
+    {
+      name ? "nix-shell",
+      packages ? [ ],
+      shellHook ? "",
+      ...
+    }:
+    derivation {
+      inherit name system shellHook;
+      # `nix develop` writes the environment to each of $outputs, which a plain derivation does not set.
+      outputs = [ "out" ];
+      builder = host.bash;
+      args = [
+        "-c"
+        ''echo "a development environment: enter it with nix develop" > $out''
+      ];
+      PATH = lib.makeBinPath (packages ++ [ busyboxApplets ]);
+    };
+
+  # nixpkgs' nixfmt-tree runs treefmt with nixfmt. No Nix formatter installs on this machine, so this stand-in
+  # formats nothing: `nix fmt` runs it, and it checks that every .nix file git tracks parses, saying so.
+  nixfmt-tree = runCommand "nixfmt-tree-stand-in" { meta.mainProgram = "treefmt"; } ''
+    mkdir -p $out/bin
+    cat > $out/bin/treefmt <<'SCRIPT'
+    #!/bin/sh
+    echo "nixpkgs-shim: formats nothing (no Nix formatter here); checking that every tracked .nix file parses" >&2
+    status=0
+    for file in $(git ls-files '*.nix'); do nix-instantiate --parse "$file" > /dev/null || status=1; done
+    exit $status
+    SCRIPT
+    chmod +x $out/bin/treefmt
+  '';
+
+  # Like nixpkgs' dockerTools.buildLayeredImage: a docker-archive of the closure of what `config` names, plus
+  # what `extraCommands` writes at the image's root, with the config's entrypoint, user, environment and labels,
+  # fixed file times (`created`) and owners, so it is bit-reproducible and `podman load`/`docker load` take it.
+  # What it does not do: several layers (it writes one), `contents` (not linked into /), gzip (the tarball is
+  # plain: podman loads no gzipped docker-archive). The host toolchain lives outside the store, so a container
+  # from this image runs only with the host paths the shim's sandbox uses mounted in (tests/test_nix_image.py).
+  dockerTools.buildLayeredImage =
+    {
+      name,
+      tag ? "latest",
+      created ? "1970-01-01T00:00:01Z",
+      config ? { },
+      contents ? [ ],
+      extraCommands ? "",
+      meta ? { },
+      ...
+    }:
+    assert contents == [ ] || throw "nixpkgs-shim: its buildLayeredImage stand-in does not take contents";
+    let
+      # The store paths `config` names are this file's references, so its closure is the image's.
+      configFile = runCommand "${name}-config.json" { json = builtins.toJSON config; } ''
+        printf '%s' "$json" > $out
+      '';
+    in
+    runCommand "${name}.tar"
+      {
+        exportReferencesGraph = [
+          "closure"
+          configFile
+        ];
+        passthru = {
+          imageName = name;
+          imageTag = tag;
+        };
+        inherit meta;
+      }
+      ''
+        mkdir root
+        (cd root && ${extraCommands})
+        ${interpreter} ${./docker-archive.py} --name ${name} --tag ${tag} --created ${created} \
+          --system ${system} --config ${configFile} --closure closure --root root --out $out
+      '';
 }

@@ -1,0 +1,124 @@
+"""`reprolora merge`: base model + adapter as one Hugging Face model folder that transformers loads with no PEFT.
+
+The LoRA deltas are folded into the base weights by PEFT's own `merge_and_unload` (W + scale * B @ A in float32),
+under the adapter's determinism pins, so two merges give the same bytes. The weights are written as canonical
+safetensors (sorted names, one metadata key, no tied duplicate), the base model's other files (config,
+tokenizer) are copied byte for byte, and a manifest names every file's sha256 and the adapter's manifest sha256.
+
+A merged model does not compute what the adapter applied on the fly computes: x @ (W + s B A) rounds differently
+from x @ W + s (x @ A) @ B. `merge` measures by how much, on the golden probes, and records it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import json
+
+from reprolora import manifest as manifest_file
+from reprolora import pins
+from reprolora.canonical import canonical_json, file_entry, publish_dir, sha256_file, write_file
+from reprolora.errors import ReproloraError
+
+WEIGHTS = "model.safetensors"
+FORMAT = "reprolora-merged/1"
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A merged folder's manifest.json, after checking every file's sha256 and size against it."""
+    path = folder / manifest_file.FILENAME
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReproloraError(f"{path}: no manifest; not a folder written by `reprolora merge`") from None
+    except (OSError, ValueError) as e:
+        raise ReproloraError(f"{path}: can't read manifest: {e}") from None
+    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+        raise ReproloraError(f"{folder}: not a merged model folder (manifest format is not {FORMAT}); "
+                             "run `reprolora merge ADAPTER -o DIR` first")
+    present = {child.name for child in folder.iterdir()} - {manifest_file.FILENAME}
+    for name in sorted(set(recorded["files"]) | present):
+        if name not in recorded["files"] or name not in present or file_entry(folder / name) != recorded["files"][name]:
+            raise ReproloraError(f"{folder}/{name}: differs from the merged folder's manifest")
+    return recorded
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> None:
+    files = {child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != manifest_file.FILENAME}
+    write_file(folder / manifest_file.FILENAME, canonical_json({**body, "format": FORMAT, "files": files}))
+
+
+def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]]) -> list[Any]:
+    """The logits of each probe's prompt followed by its recorded answer, in one forward pass each."""
+    import torch
+
+    from reprolora.dataset import prompt_ids
+
+    result = []
+    with torch.inference_mode():
+        for probe in probes:
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": probe["prompt"]}]) + probe["token_ids"]
+            result.append(causal_lm(input_ids=torch.tensor([ids])).logits[0].float())
+    return result
+
+
+def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[str, Any]:
+    """Write the merged model folder `out`; returns what was measured (also recorded in its manifest)."""
+    from reprolora import infer
+
+    adapter_dir = Path(adapter_dir)
+    recorded, base_folder = infer.check_inputs(adapter_dir, base_dir)
+    manifest = recorded.to_dict()
+    if out.exists():
+        raise ReproloraError(f"{out}: output folder already exists; choose another path or remove it")
+    pins.apply(recorded.pins.profile, recorded.pins.threads)  # before torch is imported
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from reprolora.generate import greedy
+    from reprolora.model import load_model_and_tokenizer, toolchain
+
+    base, tokenizer = load_model_and_tokenizer(base_folder)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    probes = manifest.get("probes", {}).get("results", [])
+    on_the_fly = probe_logits(peft_model.get_base_model(), tokenizer, probes)
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    folded = probe_logits(merged, tokenizer, probes)
+    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded)), default=0.0)
+    same_tokens = all(
+        greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
+        for p in probes
+    )
+
+    state = merged.state_dict()
+    if getattr(merged.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding: safetensors refuses to store it twice
+    tensors = {name: tensor.detach().to("cpu").float().contiguous().clone() for name, tensor in state.items()}
+    measured = {
+        "probes": len(probes),
+        "probe_tokens_equal": same_tokens,
+        "max_abs_logit_difference": max_difference,
+        "compared_with": "the adapter applied on the fly (PeftModel), prompt + recorded answer of each golden probe",
+    }
+    with publish_dir(out) as staging:
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        for child in sorted(base_folder.iterdir()):
+            # Everything but the weights (and a shard index, which names the base's weight files) comes as it was.
+            if child.is_file() and not child.name.startswith(".") and not child.name.endswith((".safetensors", ".index.json")) \
+                    and child.name in manifest["inputs"]["base_model"]["files"]:
+                shutil.copyfile(child, staging / child.name)
+        write_manifest(staging, {
+            "kind": "merged",
+            "adapter": {"manifest_sha256": sha256_file(adapter_dir / manifest_file.FILENAME),
+                        "files": manifest["files"]},
+            "base_model": manifest["inputs"]["base_model"],
+            "merge": {"method": "peft merge_and_unload", "dtype": "float32", **measured},
+            "pins": pins.describe(),
+            "toolchain": toolchain(),
+        })
+    return measured

