@@ -155,8 +155,10 @@ let
       inherit (host) sitePackages;
     };
     setuptools = hostModule "setuptools";
+    cryptography = hostModule "cryptography";
     gguf = hostModule "gguf";
     numpy = hostModule "numpy";
+    openai = hostModule "openai";
     peft = hostModule "peft";
     pytest = hostModule "pytest";
     safetensors = hostModule "safetensors";
