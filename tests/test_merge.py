@@ -1,10 +1,13 @@
 """`reprolora merge` and `reprolora export-gguf` on the tiny model: canonical bytes, transformers loads the merged
-folder without PEFT, and the GGUF reads back (gguf's reader) to exactly the merged weights in llama.cpp's layout."""
+folder without PEFT, the GGUF reads back (gguf's reader) to exactly the merged weights in llama.cpp's layout, and
+llama.cpp itself loads it and answers as `reprolora infer` does."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,7 @@ def test_gguf_reads_back_as_the_merged_weights(merged, dtype: str, tmp_path: Pat
     tokens = meta["tokenizer.ggml.tokens"]
     assert len(tokens) == config["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
     assert meta["tokenizer.ggml.eos_token_id"] == config["eos_token_id"]
+    assert meta["tokenizer.ggml.merges"] == []  # the tiny tokenizer has none, but llama.cpp refuses a BPE without the key
     assert meta["tokenizer.chat_template"] == json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
 
     weights = load_file(str(folder / "model.safetensors"))
@@ -146,6 +150,70 @@ def test_gguf_export_refuses_other_families_and_unmerged_folders(merged, tiny_ad
     merge.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "files")})
     refused = run_cli("export-gguf", str(other), "-o", str(tmp_path / "b.gguf"), check=False)
     assert refused.returncode == 2 and "only the Llama family" in refused.stderr and not (tmp_path / "b.gguf").exists()
+
+
+LLAMACPP = Path(__file__).parent / "llamacpp"
+INSTALL_LLAMACPP = "npm install --prefix tests/llamacpp --omit=optional --ignore-scripts --no-save"
+
+
+def llama_cpp_greedy(model: Path, prompt: str, max_tokens: int, logits: bool = False) -> dict:
+    """llama.cpp's own greedy answer from a GGUF file (tests/llamacpp/greedy.mjs: node-llama-cpp's prebuilt libllama);
+    `prompt` is the text with the chat template already applied."""
+    problem = None
+    if shutil.which("node") is None:
+        problem = "Node.js"
+    elif not (LLAMACPP / "node_modules" / "node-llama-cpp").is_dir():
+        problem = f"llama.cpp: {INSTALL_LLAMACPP}"
+    if problem:  # skip on a developer's machine; fail under CI, which must have installed it
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"needs {problem}, and CI=true: .ci/run must install it")
+        pytest.skip(f"needs {problem}")
+    request = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "logits": logits})
+    result = subprocess.run(["node", str(LLAMACPP / "greedy.mjs"), str(model)], input=request, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, f"llama.cpp failed on {model.name}:\n{result.stderr[-3000:]}"
+    return json.loads(result.stdout)
+
+
+# Measured on the tiny model (llama.cpp v0.5.0 CPU, float32 key/value cache): f32 1.2e-07, f16 1.5e-04.
+LOGIT_TOLERANCE = {"f32": 1e-5, "f16": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def infer_answer(tiny_adapter: Path, tiny_base_model: Path) -> dict:
+    """`reprolora infer`'s greedy answer (adapter applied on the fly) to the prompt the llama.cpp test asks."""
+    return json.loads(run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", "-n", "8",
+                              "Why pin seeds?").stdout)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_loads_the_gguf_and_answers_as_infer_does(merged, infer_answer: dict, dtype: str, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reprolora.dataset import prompt_ids, render
+
+    folder, _ = merged
+    out = tmp_path / f"model-{dtype}.gguf"
+    run_cli("export-gguf", str(folder), "-o", str(out), "--dtype", dtype)
+    prompt = infer_answer["prompt"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "user", "content": prompt}]
+    answer = llama_cpp_greedy(out, render(tokenizer, messages, add_generation_prompt=True), 8, logits=True)
+
+    assert answer["prompt_ids"] == prompt_ids(tokenizer, messages)  # llama.cpp tokenizes as the base model does
+    assert (answer["token_ids"], answer["text"], answer["finish_reason"]) == \
+        (infer_answer["token_ids"], infer_answer["text"], infer_answer["finish_reason"])
+    # Every step's logits over the whole vocabulary, against the merged folder's in transformers.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        reference = model(input_ids=torch.tensor([answer["prompt_ids"] + answer["token_ids"]])).logits[0]
+    start = len(answer["prompt_ids"]) - 1
+    ours = torch.tensor(answer["logits"])
+    difference = float((ours - reference[start:start + len(ours)]).abs().max())
+    print(f"{answer['llama_cpp']}, {dtype}: max |logit difference| vs transformers {difference:.3g}")
+    assert ours.shape == (len(answer["token_ids"]) + (answer["finish_reason"] == "stop"), model.config.vocab_size)
+    assert difference < LOGIT_TOLERANCE[dtype]
 
 
 @pytest.mark.slow

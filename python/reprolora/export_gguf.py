@@ -123,6 +123,23 @@ def _tokenizer_json_fields(folder: Path) -> list[tuple[str, Any, Any]]:
     return fields
 
 
+def _writer(path: Path) -> Any:
+    """gguf's GGUFWriter, but one that writes an empty array as an empty string array where GGUFWriter refuses it.
+
+    llama.cpp refuses a BPE vocabulary without `tokenizer.ggml.merges`, even one that has no merges at all (one token
+    per byte, as the tiny test tokenizer): that key must be there, empty. It is the only array that can be empty."""
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, *rest: Any, **options: Any) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, list) and not val:
+                kind = self._pack("I", vtype) if add_vtype else b""
+                return bytes(kind + self._pack("I", gguf.GGUFValueType.STRING) + self._pack("Q", 0))
+            return super()._pack_val(val, vtype, add_vtype, *rest, **options)
+
+    return Writer(str(path), "llama")
+
+
 def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     """Write `out` (a .gguf file) from a merged model folder written by `reprolora merge`."""
     import gguf
@@ -150,7 +167,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        writer = gguf.GGUFWriter(str(staging), "llama")
+        writer = _writer(staging)
         writer.add_name(f"{manifest['base_model']['name']} + reprolora adapter "
                         f"{manifest['adapter']['manifest_sha256'][:12]}")
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -165,10 +182,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
         writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
         writer.add_vocab_size(config["vocab_size"])
         for key, value, kind in tokenizer_fields:
-            if kind == gguf.GGUFValueType.ARRAY:
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, kind)
+            writer.add_key_value(key, list(value) if kind == gguf.GGUFValueType.ARRAY else value, kind)
         for name, weights in tensors.items():
             data = weights.astype(np.float16) if dtype == "f16" and weights.ndim > 1 else weights.astype(np.float32)
             writer.add_tensor(name, np.ascontiguousarray(data))
