@@ -74,7 +74,8 @@ def test_card_is_written_by_train_and_recorded(tiny_adapter: Path):
     hashes = [*manifest["inputs"]["base_model"]["files"].values(), manifest["inputs"]["dataset"]["sha256"],
               *(entry["sha256"] for name, entry in manifest["files"].items() if name != "README.md")]
     assert all(h in card for h in hashes)
-    assert "reprolora verify ADAPTER_DIR --attestation" in card and "nix build" in card and "pip install" in card
+    assert "reprolora verify ADAPTER_DIR --attestation" in card and "nix build" in card
+    assert "pip install --require-hashes -r python/requirements.lock" in card  # the toolchain above, not a range
     assert manifest["files"]["README.md"]["size"] == len(card.encode())
 
 

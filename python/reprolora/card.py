@@ -174,10 +174,13 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
             f"reprolora verify ADAPTER_DIR --attestation adapter.intoto.json --rebuild{dataset_arg}{base_arg}\n"
             "reprolora infer ADAPTER_DIR --check" + base_arg, "sh"),
         "",
-        "Pip route, from a checkout of reprolora " + toolchain["reprolora"] + ":",
+        "Pip route, from a checkout of reprolora " + toolchain["reprolora"] + " (its `python/requirements.lock` pins "
+        "every package by version and sha256, torch's CPU build from "
+        "`--extra-index-url https://download.pytorch.org/whl/cpu`; compare `.venv/bin/pip freeze` with the toolchain "
+        "above):",
         "",
-        _code(f"python3 -m venv .venv && .venv/bin/pip install torch=={toolchain['torch'].split('+')[0]} "
-              "&& .venv/bin/pip install -e python\n"
+        _code("python3 -m venv .venv && .venv/bin/pip install --require-hashes -r python/requirements.lock "
+              "&& .venv/bin/pip install --no-deps -e python\n"
               f".venv/bin/reprolora train -c config.toml{dataset_arg}{base_arg} -o rebuilt\n"
               "cmp rebuilt/adapter_model.safetensors ADAPTER_DIR/adapter_model.safetensors", "sh"),
         "",
