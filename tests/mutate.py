@@ -50,6 +50,8 @@ PINS = "python/reprolora/pins.py"
 TRAIN_TESTS = "tests/test_train.py"
 FINGERPRINT_NATIVE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[native]"
 FINGERPRINT_PORTABLE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[portable]"
+DIFF = "python/reprolora/diff.py"
+DIFF_TESTS = "tests/test_diff.py"
 THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
 
 MUTANTS = [
@@ -127,6 +129,20 @@ MUTANTS = [
                  "        return [received[i % self.size][i // self.size] for i in range(count)]",
                  "        return [received[r][k] for r in range(self.size) for k in range(rows) if k * self.size + r < count]")],
            ["tests/test_distributed.py::test_world_size_gives_the_single_process_bytes[2]"]),
+    # Issue 9: diff's statistics and verdict.
+    Mutant("diff-ulp-ignores-sign",
+           [Edit(DIFF, "    return np.where(sign == 1, -magnitude, magnitude)", "    return magnitude")],
+           [f"{DIFF_TESTS}::test_tensor_statistics_count_ulps"]),
+    Mutant("diff-skips-config",
+           [Edit(DIFF, '    if keys.get("config"):', "    if False:")],
+           [f"{DIFF_TESTS}::test_another_learning_rate"]),
+    Mutant("diff-loss-step-off-by-one",
+           [Edit(DIFF, 'return {"step": step, "a": x, "b": y}', 'return {"step": step + 1, "a": x, "b": y}')],
+           [f"{DIFF_TESTS}::test_another_learning_rate"]),
+    Mutant("diff-ignores-manifest-only-changes",
+           [Edit(DIFF, '    identical = all(f.status == "identical" for f in files)\n',
+                 '    identical = all(f.status == "identical" for f in files if f.name != manifest.FILENAME)\n')],
+           [f"{DIFF_TESTS}::test_only_the_manifest_differs"]),
     # Gap 6: checks that could not fail.
     Mutant("canonical-json-unsorted",
            [Edit("python/reprolora/canonical.py", "sort_keys=True, indent=2", "sort_keys=False, indent=2")],

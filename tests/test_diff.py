@@ -75,6 +75,21 @@ def test_another_thread_count(tiny_adapter, train_variant):
     assert {"group": "pins", "key": "threads", "a": 2, "b": 1} in report["changes"]
 
 
+def test_only_the_manifest_differs(tiny_adapter, tmp_path):
+    """Same adapter files, a manifest that records another torch: different (exit 1), and the verdict says both."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapter, other)
+    recorded = json.loads((other / "manifest.json").read_text())
+    torch_version = recorded["toolchain"]["torch"]
+    recorded["toolchain"]["torch"] = "0.0.1"
+    (other / "manifest.json").write_text(json.dumps(recorded))
+    report = diff_json(tiny_adapter, other, 1)
+    assert not report["identical"]
+    assert report["verdict"] == ("different (the adapter files are identical, the manifest is not): another torch "
+                                 f"(toolchain: torch {torch_version} -> 0.0.1; same inputs and config)")
+    assert [f["name"] for f in report["files"] if f["status"] != "identical"] == ["manifest.json"]
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_adapter, tmp_path):
     result = run_cli("diff", str(tiny_adapter), str(tmp_path / "nowhere"), check=False)
     assert result.returncode == 2 and result.stdout == ""
