@@ -118,3 +118,17 @@ def test_tensor_statistics_count_ulps():
     # 1.0 -> next float is 1 ULP, -0 -> +0 is 0 ULPs (different bits, same value), 3 -> -3 spans both signs.
     assert t.max_ulp == 2 * struct.unpack("<i", struct.pack("<f", 3.0))[0]
     assert diff.compare_tensor("f", "t", _f32([1.0]), _f32([1.0, 2.0])).status == "shape"
+
+
+def test_another_profile_names_the_isa_pin_it_moved():
+    """native vs portable on one machine (the default job's pair in README): the verdict names both pins."""
+    changes = [diff.Change("pins", "cpu_capability", "AVX512", "AVX2"),
+               diff.Change("pins", "environment.MKL_CBWR", "AUTO", "COMPATIBLE"),
+               diff.Change("pins", "profile", "native", "portable"),
+               diff.Change("metrics", "eval_loss_after", 2.5, 2.6)]
+    assert diff.verdict(changes, identical=False) == (
+        "different: same inputs and config, other determinism profile "
+        "(pins: profile native -> portable, ISA pin cpu_capability AVX512 -> AVX2)")
+    # On a CPU whose native capability is the portable one, only the profile is named.
+    assert diff.verdict(changes[1:], identical=False) == (
+        "different: same inputs and config, other determinism profile (pins: profile native -> portable)")

@@ -257,7 +257,10 @@ def verdict(changes: list[Change], identical: bool) -> str:
     if job_pins:
         what = {"threads": "other thread count", "profile": "other determinism profile"}[job_pins[0]]
         change = next(c for c in by_group["pins"] if c.key == job_pins[0])
-        return f"different: same inputs and config, {what} (pins: {job_pins[0]} {change.a} -> {change.b})"
+        # A profile is a set of machine pins: name the ISA it moved torch to, the likeliest source of other bits.
+        isa = next((c for c in by_group["pins"] if c.key == "cpu_capability"), None) if job_pins[0] == "profile" else None
+        with_isa = f", ISA pin cpu_capability {isa.a} -> {isa.b}" if isa else ""
+        return f"different: same inputs and config, {what} (pins: {job_pins[0]} {change.a} -> {change.b}{with_isa})"
     if keys.get("toolchain"):
         names = keys["toolchain"]
         lead = "torch" if "torch" in names else names[0]
