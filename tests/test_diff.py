@@ -57,6 +57,8 @@ def test_another_seed(tiny_adapter, train_variant):
     assert {"group": "config", "key": "seed", "a": 42, "b": 7} in report["changes"]
     text = run_cli("diff", str(tiny_adapter), str(other), check=False).stdout
     assert "loss: the traces first differ at step 0" in text and "seed: 42 -> 7" in text
+    largest = max(differing, key=lambda t: t["max_abs"])
+    assert f"tensors: 8 of 8 differ; the largest |a-b| is {largest['max_abs']:.3g}, in {largest['name']}" in text
 
 
 def test_another_learning_rate(tiny_adapter, train_variant):
@@ -132,3 +134,8 @@ def test_another_profile_names_the_isa_pin_it_moved():
     # On a CPU whose native capability is the portable one, only the profile is named.
     assert diff.verdict(changes[1:], identical=False) == (
         "different: same inputs and config, other determinism profile (pins: profile native -> portable)")
+
+
+def test_tensors_are_listed_in_layer_order():
+    names = ["layers.10.q", "layers.2.v", "layers.2.q", "layers.1.q", "embed"]
+    assert sorted(names, key=diff.natural_order) == ["embed", "layers.1.q", "layers.2.q", "layers.2.v", "layers.10.q"]

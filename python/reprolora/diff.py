@@ -10,6 +10,7 @@ the earlier a difference sits in that order, the more surely it alone changes ev
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -149,10 +150,15 @@ def compare_tensor(file: str, name: str, a: tuple[str, list[int], bytes], b: tup
     )
 
 
+def natural_order(name: str) -> list[Any]:
+    """Sort key that puts layers.2 before layers.10: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def compare_tensors(file: str, a: Path, b: Path) -> list[TensorDiff]:
     ta, tb = read_safetensors(a), read_safetensors(b)
     result = []
-    for name in sorted(set(ta) | set(tb)):
+    for name in sorted(set(ta) | set(tb), key=natural_order):
         if name not in tb:
             result.append(TensorDiff(file, name, "only in A", ta[name][1], ta[name][0]))
         elif name not in ta:
@@ -310,7 +316,9 @@ def render(d: Diff) -> str:
     lines += [f"  {f.name:<32} {f.status}" for f in d.files]
     changed = [t for t in d.tensors if t.status != "identical"]
     if d.tensors:
-        lines.append(f"tensors: {len(changed)} of {len(d.tensors)} differ")
+        largest = max((t for t in changed if t.max_abs is not None), key=lambda t: t.max_abs, default=None)
+        lines.append(f"tensors: {len(changed)} of {len(d.tensors)} differ"
+                     + (f"; the largest |a-b| is {largest.max_abs:.3g}, in {largest.name}" if largest else ""))
     if changed:
         width = max(len(t.name) for t in changed)
         lines.append(f"  {'name':<{width}} {'differing':>12} {'max |a-b|':>10} {'max rel':>10} {'max ULP':>10}")
