@@ -58,7 +58,8 @@ def test_another_seed(tiny_adapter, train_variant):
     text = run_cli("diff", str(tiny_adapter), str(other), check=False).stdout
     assert "loss: the traces first differ at step 0" in text and "seed: 42 -> 7" in text
     largest = max(differing, key=lambda t: t["max_abs"])
-    assert f"tensors: {len(differing)} of {len(report['tensors'])} differ; the largest |a-b| is {largest['max_abs']:.3g}, in {largest['name']}" in text
+    assert (f"tensors: {len(differing)} of {len(report['tensors'])} differ; "
+            f"the largest |a-b| is {largest['max_abs']:.3g}, in {largest['name']}") in text
 
 
 def test_another_learning_rate(tiny_adapter, train_variant):
