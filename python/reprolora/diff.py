@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from reprolora import manifest
+from reprolora import card, manifest
 from reprolora.canonical import sha256_file
 from reprolora.errors import ReproloraError
 
@@ -304,8 +304,9 @@ def diff(a: Path, b: Path) -> Diff:
     identical = all(f.status == "identical" for f in files)
     changes = manifest_changes(ma, mb)
     line = verdict(changes, identical)
-    if not identical and all(f.status == "identical" for f in files if f.name != manifest.FILENAME):
-        line = line.replace("different: ", "different (the adapter files are identical, the manifest is not): ", 1)
+    # The model card is written from the manifest: it differs whenever the manifest does.
+    if not identical and all(f.status == "identical" for f in files if f.name not in (manifest.FILENAME, card.CARD)):
+        line = line.replace("different: ", "different (the adapter files are identical, the manifest and card are not): ", 1)
     return Diff(str(a), str(b), identical, line, files, tensors, changes,
                 loss_divergence(ma.loss_trace, mb.loss_trace), probe_differences(ma, mb))
 
