@@ -9,7 +9,7 @@ from conftest import run_cli
 def test_reports_a_pin_it_replaced_and_warns_about_native():
     result = run_cli("fingerprint", env={"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "7"})
     text = result.stdout
-    assert "replaced:  MKL_CBWR='COMPATIBLE' from the environment (the pins set 'AUTO')" in text
+    assert "replaced:  MKL_CBWR='COMPATIBLE' from the environment (the pins set 'AUTO,STRICT')" in text
     assert "replaced:  OMP_NUM_THREADS='7' from the environment (the pins set '2')" in text
     assert "warning:   profile native:" in text
     report = json.loads(run_cli("fingerprint", "--json", env={"MKL_CBWR": "COMPATIBLE"}).stdout)

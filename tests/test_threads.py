@@ -1,6 +1,6 @@
-"""The step's own reductions (the loss sum, the gradient norm) give the same bits at 1, 2 and 4 threads, where a
-plain sum() over as many elements does not. The thread count still fixes the bytes of a job: some op of the
-forward pass of wider models differs between thread counts (README, "Threads are still part of the bytes")."""
+"""What the thread count changes. The step's own reductions (the loss sum, the gradient norm) give the same bits at
+1, 2 and 4 threads, where a plain sum() over as many elements does not; under the `native` profile the default
+model's matrix products (MKL in its strict mode) do too. `portable`'s do not (README, "Threads")."""
 
 import subprocess
 import sys
@@ -24,3 +24,33 @@ def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
                   for threads in (1, 2, 4)}
     assert len({values[0] for values in by_threads.values()}) > 1  # a plain sum() splits: what the step avoids
     assert len({tuple(values[1:]) for values in by_threads.values()}) == 1
+
+
+PRODUCTS = textwrap.dedent("""
+    import hashlib, sys
+    from reprolora import pins
+    pins.apply("native", int(sys.argv[1]))
+    import torch
+    def rand(*shape, seed):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    digest = hashlib.sha256()
+    # The default model's shapes where MKL, left to itself, splits between threads in a bit-changing way
+    # (measured: AUTO gives other bits at 1 and 2 threads for each of these).
+    for tokens in (40, 100, 157):
+        x = rand(tokens, 576, seed=0).requires_grad_(True)
+        up = (rand(1536, 576, seed=1) * 0.05).requires_grad_(True)  # an MLP projection
+        lora_a = (rand(16, 576, seed=2) * 0.05).requires_grad_(True)  # a LoRA pair, r = 16
+        lora_b = (rand(576, 16, seed=3) * 0.05).requires_grad_(True)
+        outputs = [x @ up.T, (x @ lora_a.T) @ lora_b.T]
+        torch.autograd.backward(outputs, [rand(*y.shape, seed=4) for y in outputs])
+        for tensor in (*outputs, x.grad, up.grad, lora_a.grad, lora_b.grad):
+            digest.update(tensor.detach().numpy().tobytes())
+    print(digest.hexdigest())
+""")
+
+
+def test_native_matrix_products_do_not_change_with_the_thread_count():
+    by_threads = {threads: subprocess.run([sys.executable, "-c", PRODUCTS, str(threads)], capture_output=True,
+                                          text=True, check=True, timeout=300).stdout.strip()
+                  for threads in (1, 2, 4)}
+    assert len(set(by_threads.values())) == 1, by_threads

@@ -47,7 +47,7 @@ def test_output_is_canonical(tiny_adapter):
 # The pinned variables of each profile on x86_64 as the training process must see them (None: removed), written
 # out here rather than read from reprolora.pins, so a pin that goes missing there fails the tests.
 PINNED_X86_64 = {
-    "native": {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "AUTO", "MKL_ENABLE_INSTRUCTIONS": None,
+    "native": {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "AUTO,STRICT", "MKL_ENABLE_INSTRUCTIONS": None,
                "ONEDNN_MAX_CPU_ISA": "ALL", "OPENBLAS_CORETYPE": None},
     "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                  "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"},
@@ -189,7 +189,7 @@ def test_fingerprint_reports_the_pinned_process_whatever_the_user_set(profile, t
     assert process["mkl_max_threads"] in (threads, None)  # None: a torch without MKL
     assert process["interop_threads"] == 1 and process["deterministic_algorithms"] is True
     assert process["cpu_capability"] == ("AVX2" if profile == "portable" else native_cpu_capability())
-    assert process["mkl_cbwr_branch"] in ({"native": "AUTO", "portable": "COMPATIBLE"}[profile], None)
+    assert process["mkl_cbwr_branch"] in ({"native": "AUTO,STRICT", "portable": "COMPATIBLE"}[profile], None)
 
 
 def test_portable_profile_gives_its_own_reproducible_bytes(tmp_path, tiny_adapter, tiny_base_model, tiny_dataset):

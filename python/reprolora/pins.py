@@ -1,14 +1,19 @@
 """Determinism pins: the environment that fixes CPU numerics, applied before torch is imported.
 
 torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Two profiles:
-- native:   this CPU's best instruction set (torch's own choice), fixed threads. Same bytes on the same kind
-            of CPU.
+- native:   this CPU's best instruction set (torch's own choice), and MKL in its strict conditional-numerical-
+            reproducibility mode: same bytes on the same kind of CPU, at any thread count.
 - portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads, and MKL in its
             vendor-neutral COMPATIBLE code path. Same bytes across such CPUs, Intel and AMD alike.
 
 Measured (torch 2.11, same inputs, AMD Zen 5 here against an Intel Xeon with AVX-512): with MKL_CBWR=AVX2,
 MKL's matrix products and its vector math (exp, log, sqrt) differ between the two vendors; MKL_CBWR=COMPATIBLE
 makes every matrix product and exp/log identical, but MKL's sqrt still differs, so training.AdamW avoids it.
+Measured (torch 2.13, MKL 2024.2, Intel Xeon, the default model's shapes): MKL splits some matrix products
+between threads in a way that changes their bits (a [100x576]x[576x1536] product and its backward, the LoRA
+weight gradients); MKL_CBWR=AUTO,STRICT makes them, and the default model's micro-batch gradients, the same at 1
+and 2 threads (and equal to AUTO's at 1 thread). STRICT has no effect on the COMPATIBLE path: `portable` still
+depends on the thread count.
 A user's own settings never win over the pins: `overridden()` says which were replaced.
 """
 
@@ -42,7 +47,7 @@ _ISA_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONED
 _PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
     ("native", "x86_64"): {
         "ATEN_CPU_CAPABILITY": None,
-        "MKL_CBWR": "AUTO",
+        "MKL_CBWR": "AUTO,STRICT",  # STRICT: matrix products whose bits do not depend on the thread count
         "MKL_ENABLE_INSTRUCTIONS": None,
         "ONEDNN_MAX_CPU_ISA": "ALL",
         "OPENBLAS_CORETYPE": None,
@@ -236,7 +241,8 @@ def _mkl_cbwr_branch() -> str | None:
     except (OSError, AttributeError):
         return None
     branch = get(1)  # MKL_CBWR_BRANCH
-    return _MKL_CBWR_BRANCHES.get(branch, str(branch))
+    strict = get(-1) & 0x10000  # MKL_CBWR_ALL, MKL_CBWR_STRICT
+    return _MKL_CBWR_BRANCHES.get(branch, str(branch)) + (",STRICT" if strict else "")
 
 
 def blas() -> str:
