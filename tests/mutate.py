@@ -80,6 +80,10 @@ MUTANTS = [
     Mutant("portable-mkl-vendor-specific",
            [Edit(PINS, '"MKL_CBWR": "COMPATIBLE",', '"MKL_CBWR": "AVX2",')],
            [FINGERPRINT_PORTABLE]),
+    # Issue 7, part 4: native's matrix products must not depend on the thread count (MKL's strict CNR mode).
+    Mutant("native-mkl-not-strict",
+           [Edit(PINS, '"MKL_CBWR": "AUTO,STRICT",', '"MKL_CBWR": "AUTO",')],
+           ["tests/test_threads.py::test_native_matrix_products_do_not_change_with_the_thread_count"]),
     # Gap 2: the golden probes' logits.
     Mutant("logits-digest-constant",
            [Edit("python/reprolora/generate.py", "digest.update(logits.numpy().tobytes())", 'digest.update(b"")')],

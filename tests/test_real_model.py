@@ -34,14 +34,34 @@ def test_default_model_converts_to_the_pinned_bytes():
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
 
 
-def test_default_job_improves_eval_loss_and_rebuilds_bit_identically(tmp_path):
-    for name in ("first", "second"):
+def without_thread_count(manifest: dict) -> dict:
+    """A manifest without the places that record the thread count it ran with."""
+    manifest = json.loads(json.dumps(manifest))
+    del manifest["inputs"]["config"]["threads"], manifest["pins"]["threads"]
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        del manifest["pins"]["environment"][name]
+    del manifest["files"]["README.md"]  # the model card names the thread count too
+    return manifest
+
+
+def test_default_job_improves_eval_loss_and_rebuilds_bit_identically_at_another_thread_count(tmp_path):
+    """The README's main command (native profile, 2 threads), then the same job at 1 thread: MKL's strict mode
+    makes every tensor, loss, eval metric and probe answer the same; only the recorded thread count differs."""
+    for name, threads in (("first", 2), ("second", 1)):
         (tmp_path / name).mkdir()
-        run_cli("train", "-q", cwd=tmp_path / name)  # the README's main command, in its own folder
+        (tmp_path / name / "job.toml").write_text(f"threads = {threads}\n")
+        run_cli("train", "-q", "-c", "job.toml", cwd=tmp_path / name)  # in its own folder
     first, second = tmp_path / "first" / "out" / "adapter", tmp_path / "second" / "out" / "adapter"
     files = sorted(p.name for p in first.iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
-    assert {n: (first / n).read_bytes() for n in files} == {n: (second / n).read_bytes() for n in files}
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (first, second)]
+    assert (manifests[0]["pins"]["threads"], manifests[1]["pins"]["threads"]) == (2, 1)
+    assert without_thread_count(manifests[0]) == without_thread_count(manifests[1])
+    cards = [(folder / "README.md").read_text() for folder in (first, second)]
+    assert cards[0] != cards[1]  # the profile line and the config name the thread count
+    assert cards[0].replace("`native`, 2 threads", "`native`, 1 threads").replace("threads = 2", "threads = 1") == cards[1]
     assert run_cli("verify", str(first)).returncode == 0
     manifest = json.loads((first / "manifest.json").read_text())
     metrics = manifest["metrics"]
