@@ -1,5 +1,6 @@
 """`reprolora diff`: identical folders, and adapters that differ by one thing each, trained on the tiny job."""
 
+import hashlib
 import json
 import shutil
 import struct
@@ -96,6 +97,20 @@ def test_only_the_manifest_differs(tiny_adapter, tmp_path):
     assert report["verdict"] == ("different (the adapter files are identical, the manifest and card are not): "
                                  f"another torch (toolchain: torch {torch_version} -> 0.0.1; same inputs and config)")
     assert [f["name"] for f in report["files"] if f["status"] != "identical"] == ["manifest.json"]
+
+
+def test_only_the_model_card_differs(tiny_adapter, tmp_path):
+    """A card written by other code (the default job trained before and after a card change): named as such."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapter, other)
+    card = other / "README.md"
+    card.write_text(card.read_text() + "\nOne more line from another revision of the card's text.\n")
+    recorded = json.loads((other / "manifest.json").read_text())
+    recorded["files"]["README.md"] = {"sha256": hashlib.sha256(card.read_bytes()).hexdigest(), "size": card.stat().st_size}
+    (other / "manifest.json").write_text(json.dumps(recorded))
+    report = diff_json(tiny_adapter, other, 1)
+    assert not report["changes"]
+    assert report["verdict"].startswith("different: only the model card (README.md) and its hash in the manifest; ")
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_adapter, tmp_path):

@@ -306,7 +306,11 @@ def diff(a: Path, b: Path) -> Diff:
     line = verdict(changes, identical)
     # The model card is written from the manifest: it differs whenever the manifest does.
     if not identical and all(f.status == "identical" for f in files if f.name not in (manifest.FILENAME, card.CARD)):
-        line = line.replace("different: ", "different (the adapter files are identical, the manifest and card are not): ", 1)
+        if changes:
+            line = line.replace("different: ", "different (the adapter files are identical, the manifest and card are not): ", 1)
+        else:  # nothing the manifest records differs but the card's own hash: its text came from other code
+            line = (f"different: only the model card ({card.CARD}) and its hash in the manifest; same weights, inputs, "
+                    "config, toolchain and pins: another revision of reprolora wrote the card (the version may read the same)")
     return Diff(str(a), str(b), identical, line, files, tensors, changes,
                 loss_divergence(ma.loss_trace, mb.loss_trace), probe_differences(ma, mb))
 
