@@ -4,6 +4,8 @@ import hashlib
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,15 @@ def test_only_the_model_card_differs(tiny_adapter, tmp_path):
     report = diff_json(tiny_adapter, other, 1)
     assert not report["changes"]
     assert report["verdict"].startswith("different: only the model card (README.md) and its hash in the manifest; ")
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tiny_adapter):
+    """`reprolora diff A B | head`: when the pipe's reader is gone, stop quietly with 141 (128 + SIGPIPE)."""
+    process = subprocess.Popen([sys.executable, "-m", "reprolora", "diff", str(tiny_adapter), str(tiny_adapter)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # gone before the command, which takes a second to start, writes anything
+    stderr = process.stderr.read()
+    assert (process.wait(timeout=300), stderr) == (141, "")
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_adapter, tmp_path):

@@ -375,6 +375,9 @@ def test_ctrl_c_leaves_no_output(tmp_path, tiny_base_model, tiny_dataset):
         [sys.executable, "-m", "reprolora", "train", "-c", str(config), "--base-model", str(tiny_base_model),
          "--dataset", str(tiny_dataset), "-o", str(out)],
         stderr=subprocess.PIPE, text=True,
+        # As from a terminal: a shell that starts pytest in the background (no job control) leaves SIGINT
+        # ignored, and an ignored signal stays ignored in the children, Python included.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = ""
     while "train:" not in seen and process.poll() is None:
