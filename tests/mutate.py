@@ -84,6 +84,12 @@ MUTANTS = [
     Mutant("native-mkl-not-strict",
            [Edit(PINS, '"MKL_CBWR": "AUTO,STRICT",', '"MKL_CBWR": "AUTO",')],
            ["tests/test_threads.py::test_native_matrix_products_do_not_change_with_the_thread_count"]),
+    Mutant("mkl-strict-mode-not-reported",
+           [Edit(PINS, "    strict = get(-1) & 0x10000  # MKL_CBWR_ALL, MKL_CBWR_STRICT\n", "    strict = 0\n")],
+           [FINGERPRINT_NATIVE]),
+    Mutant("broken-pipe-traceback",
+           [Edit("python/reprolora/cli.py", "    except BrokenPipeError:", "    except NotImplementedError:")],
+           ["tests/test_diff.py::test_a_reader_that_goes_away_gets_no_traceback"]),
     # Gap 2: the golden probes' logits.
     Mutant("logits-digest-constant",
            [Edit("python/reprolora/generate.py", "digest.update(logits.numpy().tobytes())", 'digest.update(b"")')],
