@@ -1,10 +1,18 @@
 """What the thread count changes. The step's own reductions (the loss sum, the gradient norm) give the same bits at
-1, 2 and 4 threads, where a plain sum() over as many elements does not; under the `native` profile the default
-model's matrix products (MKL in its strict mode) do too. `portable`'s do not (README, "Threads")."""
+1, 2 and 4 threads, where a plain sum() over as many elements does not; under the `native` and `portable-fast`
+profiles the default model's matrix products (MKL in its strict mode) do too, and so does a whole training job.
+`portable`'s do not (README, "Threads")."""
 
+import platform
 import subprocess
 import sys
 import textwrap
+
+import pytest
+from conftest import run_cli
+
+# The profiles whose bytes hold at any thread count (portable-fast is x86-64 only: MKL's AVX2 branch).
+THREAD_INVARIANT = ["native"] + (["portable-fast"] if platform.machine() == "x86_64" else [])
 
 REDUCTIONS = textwrap.dedent("""
     import sys
@@ -29,7 +37,7 @@ def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
 PRODUCTS = textwrap.dedent("""
     import hashlib, sys
     from reprolora import pins
-    pins.apply("native", int(sys.argv[1]))
+    pins.apply(sys.argv[2], int(sys.argv[1]))
     import torch
     def rand(*shape, seed):
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -49,8 +57,24 @@ PRODUCTS = textwrap.dedent("""
 """)
 
 
-def test_native_matrix_products_do_not_change_with_the_thread_count():
-    by_threads = {threads: subprocess.run([sys.executable, "-c", PRODUCTS, str(threads)], capture_output=True,
+@pytest.mark.parametrize("profile", THREAD_INVARIANT)
+def test_matrix_products_do_not_change_with_the_thread_count(profile):
+    by_threads = {threads: subprocess.run([sys.executable, "-c", PRODUCTS, str(threads), profile], capture_output=True,
                                           text=True, check=True, timeout=300).stdout.strip()
                   for threads in (1, 2, 4)}
     assert len(set(by_threads.values())) == 1, by_threads
+
+
+@pytest.mark.parametrize("profile", THREAD_INVARIANT)
+def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp_path, tiny_base_model, tiny_dataset):
+    import tiny
+
+    adapters = {}
+    for threads in (1, 2):
+        config = tmp_path / f"{threads}.toml"
+        config.write_text(f'profile = "{profile}"\n' + tiny.CONFIG.replace("threads = 2\n", f"threads = {threads}\n"))
+        out = tmp_path / f"threads-{threads}"
+        run_cli("train", "-q", "-c", str(config), "--base-model", str(tiny_base_model), "--dataset", str(tiny_dataset),
+                "-o", str(out))
+        adapters[threads] = [(out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")]
+    assert adapters[1] == adapters[2]

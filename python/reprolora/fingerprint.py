@@ -119,10 +119,14 @@ def collect() -> dict[str, Any]:
     if profile == "native":
         warnings.append(f"profile native: these bytes hold only on CPUs where torch runs at {pinned_capability} with "
                         f"the same BLAS path; profile = \"portable\" gives bytes shared across x86-64 CPUs")
-    if profile == "portable" and chip["machine"] == "x86_64":
+    if profile == "portable-fast":
+        warnings.append("profile portable-fast: its matrix products were measured the same on an AMD and an Intel "
+                        "CPU, a whole job not yet; profile = \"portable\" is the one whose bytes are shared across "
+                        "x86-64 CPUs of both vendors")
+    if profile in ("portable", "portable-fast") and chip["machine"] == "x86_64":
         missing = [flag for flag in PORTABLE_NEEDS if flag not in chip["flags"]]
         if missing:
-            warnings.append(f"this CPU lacks {', '.join(missing)}, which the portable profile's kernels need: "
+            warnings.append(f"this CPU lacks {', '.join(missing)}, which the {profile} profile's kernels need: "
                             f"its bytes can't be reproduced here")
     if chip["machine"] == "x86_64" and libs["blas"] != "mkl":
         warnings.append(f"BLAS is {libs['blas']}, not MKL: the x86-64 pins were measured with MKL; bytes built "

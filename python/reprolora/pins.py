@@ -14,6 +14,11 @@ between threads in a way that changes their bits (a [100x576]x[576x1536] product
 weight gradients); MKL_CBWR=AUTO,STRICT makes them, and the default model's micro-batch gradients, the same at 1
 and 2 threads (and equal to AUTO's at 1 thread). STRICT has no effect on the COMPATIBLE path: `portable` still
 depends on the thread count.
+- portable-fast: portable's AVX2 pins with MKL's AVX2 branch in strict mode (MKL_CBWR=AVX2,STRICT) instead of
+            COMPATIBLE: faster, and the same bytes at any thread count. Measured (torch 2.13, MKL 2024.2, the default
+            model's 72 training products at 1 and 2 threads): the same bits on this project's AMD EPYC (Zen 5) and
+            Intel Xeon (python/benchmarks/blas_vendor_hashes.py). A whole training job was not yet compared across
+            the two vendors, so this profile does not promise cross-vendor bytes: portable does.
 A user's own settings never win over the pins: `overridden()` says which were replaced.
 """
 
@@ -28,7 +33,7 @@ from typing import Any
 
 from reprolora.errors import ReproloraError
 
-PROFILES = ("native", "portable")
+PROFILES = ("native", "portable", "portable-fast")
 
 # Set to a fixed value whatever the profile. PYTHONHASHSEED can't be changed inside a running process, so the
 # code never depends on set or dict-of-hash order instead.
@@ -55,6 +60,13 @@ _PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
     ("portable", "x86_64"): {
         "ATEN_CPU_CAPABILITY": "avx2",
         "MKL_CBWR": "COMPATIBLE",  # AVX2 is not enough: MKL picks other kernels on Intel and on AMD
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell",
+    },
+    ("portable-fast", "x86_64"): {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "AVX2,STRICT",  # STRICT: thread-invariant products; AVX2 alone differed between Intel and AMD
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "OPENBLAS_CORETYPE": "Haswell",
@@ -86,7 +98,7 @@ def pinned_environment(profile: str, threads: int) -> dict[str, str | None]:
         raise ReproloraError(f"threads must be at least 1, got {threads}")
     isa = _PROFILE_ISA.get((profile, machine()))
     if isa is None:
-        raise ReproloraError(f"no determinism profile for CPU architecture {machine()!r}")
+        raise ReproloraError(f"profile {profile!r} has no pins for CPU architecture {machine()!r}")
     env: dict[str, str | None] = dict(_COMMON)
     env.update({name: str(threads) for name in _THREAD_VARS})
     env.update(isa)
