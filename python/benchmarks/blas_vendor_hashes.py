@@ -12,6 +12,12 @@ seeded PCG64 generator, and hashes each result:
   mkl-compatible     torch's MKL with MKL_CBWR=COMPATIBLE and ATEN_CPU_CAPABILITY=avx2 (the portable profile)
   mkl-avx2-strict    torch's MKL with MKL_CBWR=AVX2,STRICT (thread-invariant; across vendors: the question)
 
+Then the whole of a training micro-batch, where the products meet torch's own kernels (RoPE's sin and cos,
+softmax, SiLU, RMSNorm, cross-entropy): under the pins of each x86-64 profile that claims or seeks bytes shared
+across CPUs (portable, portable-fast), at 1 and 2 threads, the gradient of each micro-batch of the default job's
+first two steps, from the untrained adapter (`model/<profile>/<threads>t` in the record; needs the default base
+model, which reprolora prepares on first use).
+
 A record made on one vendor's CPU (--output) and compared on the other's (--against) says, per path, whether
 every product has the same bits: the measurement a cross-vendor claim needs. Nothing here is timed.
 """
@@ -55,6 +61,29 @@ for tokens in (40, 100, 157, 600):
 print(json.dumps(results))
 """
 
+MODEL_CHILD = r"""
+import dataclasses, hashlib, json, sys
+from reprolora import pins
+profile, threads = sys.argv[1], int(sys.argv[2])
+pins.apply(profile, threads)
+from reprolora import base_model, train
+from reprolora import config as config_module
+defaults = config_module.load(None)
+config = dataclasses.replace(defaults, profile=profile, threads=threads, base_model=dataclasses.replace(
+    defaults.base_model, path=str(base_model.prepare_default())))
+job = train.setup(config)
+state = train.initial_state(job)
+job.causal_lm.train()
+results = {}
+for step in range(2):
+    state.step = step  # dropout's seed follows the step
+    for index, examples in enumerate(job.plan[step]):
+        gradient = train.micro_batch_gradient(job, state, index, examples)
+        results[f"step {step} micro-batch {index}"] = hashlib.sha256(gradient.numpy().tobytes()).hexdigest()
+print(json.dumps(results))
+"""
+MODEL_PROFILES = ("portable", "portable-fast")
+
 
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -74,6 +103,14 @@ def record() -> dict:
             if out.returncode != 0:
                 sys.exit(f"blas_vendor_hashes: {name} at {threads} threads failed:\n{out.stderr[-3000:]}")
             paths[f"{name}/{threads}t"] = json.loads(out.stdout)
+    for profile in MODEL_PROFILES:
+        for threads in (1, 2):
+            out = subprocess.run([sys.executable, "-c", MODEL_CHILD, profile, str(threads)], capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                sys.exit(f"blas_vendor_hashes: the model under {profile} at {threads} threads failed:\n"
+                         f"{out.stderr[-3000:]}")
+            paths[f"model/{profile}/{threads}t"] = json.loads(out.stdout.strip().splitlines()[-1])
     import numpy
     import torch
 
@@ -94,15 +131,18 @@ def main() -> None:
     for key, products in mine["paths"].items():
         threads_twin = key.replace("/1t", "/2t") if key.endswith("/1t") else key.replace("/2t", "/1t")
         same = sum(products[p] == mine["paths"][threads_twin][p] for p in products)
-        print(f"{key:<22} this machine, 1 vs 2 threads: {same} of {len(products)} products the same", file=sys.stderr)
+        print(f"{key:<26} this machine, 1 vs 2 threads: {same} of {len(products)} results the same", file=sys.stderr)
     if args.against:
         other = json.loads(args.against.read_text())
         print(f"this machine: {mine['cpu']} (numpy {mine['numpy']}, torch {mine['torch']})")
         print(f"other:        {other['cpu']} (numpy {other['numpy']}, torch {other['torch']})")
         for key, products in mine["paths"].items():
-            theirs = other["paths"].get(key, {})
+            if key not in other["paths"]:
+                print(f"{key:<26} not in the other record")
+                continue
+            theirs = other["paths"][key]
             same = sum(products[p] == theirs.get(p) for p in products)
-            print(f"{key:<22} {same} of {len(products)} products have the same bits on both CPUs")
+            print(f"{key:<26} {same} of {len(products)} results have the same bits on both CPUs")
 
 
 if __name__ == "__main__":
