@@ -37,3 +37,15 @@ def test_bench_scaling_tiny_rows(tiny_model):
     out = run_benchmark("bench_scaling.py", "--rows", "tiny,ws", "--steps", "2", "--base-model", str(tiny_model))
     assert re.search(r"^tiny\s+2\s", out, re.MULTILINE), out
     assert "adapter bytes identical" in out, out
+
+
+def test_bench_train_quick_prints_every_row_and_column():
+    out = run_benchmark("bench_train.py", "--quick")
+    header = re.search(r"^run\s+wall s\s+train s\s+tokens/s\s+GFLOP/s\s+% ceiling\s+peak RSS MB\s+steps\s+x Trainer\s+x native$",
+                       out, re.MULTILINE)
+    assert header, out
+    rows = dict(re.findall(r"^(trainer|native|portable|portable-fast)\s+((?:\S+\s+){8}\S+)$", out, re.MULTILINE))
+    assert set(rows) == {"trainer", "native", "portable", "portable-fast"}, out
+    assert re.search(r"^model FLOPs of the job: [\d.]+ TFLOP", out, re.MULTILINE), out
+    assert re.search(r"^fp32 matmul ceiling at the job's shapes .*: [\d.]+ GFLOP/s$", out, re.MULTILINE), out
+    assert re.search(r"^aten::mm\s+[\d.]+\s+[\d.]+%\s+\d+$", out, re.MULTILINE), out  # the profiler's table

@@ -1,105 +1,340 @@
-"""Benchmark: the default job with reprolora (native and portable) against the HF Trainer + peft doing the same job.
+"""Benchmark: the default job with reprolora under each profile against the HF Trainer + peft doing the same job.
+
+    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--base-model DIR] [--quick]
 
 Same base model, same tokenized examples, same number of steps, batch size, learning rate and schedule; the
-Trainer runs with its defaults (no determinism pins). Each run is a fresh process, one after another, in this
-script, so the numbers compare on the same machine at the same time. Prints wall time, training tokens/s, peak
-RSS and the ratios; the targets are native/Trainer <= 1.0 and portable/native <= 1.5 (training time).
+Trainer runs with its defaults (no determinism pins, padded batches of 4). Every run is a fresh process; the
+rounds alternate (Trainer, then each profile of pins.PROFILES), so the rows compare on the same machine at the
+same time. Rows show the best of --repeats by training time.
 
-    python python/benchmarks/bench_train.py [--repeats 1] [--base-model DIR]
+Besides times, tokens/s and peak RSS, each row shows achieved GFLOP/s: the job's model FLOPs over the row's
+training time, and that as a share of the fp32 matmul ceiling measured here, in this script, at the job's own
+matrix shapes. The model FLOPs are the useful work of the job as reprolora runs it, the same number for every
+row (the Trainer's padding and its output projection on unlabelled tokens are not counted as useful). For an
+example of T tokens of which L are predicted with a label, per example:
+
+    frozen linear (in x out), every decoder layer's:  4*T*in*out     forward, input gradient
+    LoRA linears A (in x r) and B (r x out):           6*T*r*(in+out) forward, input gradient, weight gradient
+    attention, per layer (H = heads * head dim):       12*T^2*H       Q K^T and P V, forward and backward
+                                                                       (the causal mask is not discounted)
+    output projection (hidden x vocab):                 4*L*hidden*vocab  forward, input gradient
+
+summed over every example of every step. Every linear's input gradient is counted, though the first layer's
+q/k/v inputs need none (about 0.2% of the total). Norms, activations, softmax, dropout and the optimizer are not
+counted: they are not matrix products.
+
+The ceiling runs exactly those matrix products (same shapes, same operand layouts: F.linear for the forward,
+the weight untransposed for the input gradient, transposed activations for the weight gradient, batched
+products for attention) one by one for a sample of the job's examples, under native's pins, each the best of a
+few runs; the ceiling is their total FLOPs over their total time, weighted as in the job. It is what MKL does at
+these shapes on this machine, not a datasheet number.
+
+It also prints a torch.profiler table of two native training steps (after one warm-up step): the top ops by
+self CPU time and their share.
+
+--quick trains the tests' tiny model for 2 steps with one round, to check the script still runs (tests/
+test_benchmarks.py); its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import subprocess
 import sys
 import tempfile
-
-REPROLORA_RUN = r"""
-import json, resource, sys, time
+import time
 from pathlib import Path
-start = time.perf_counter()
-from reprolora import config as config_module, pins
-import dataclasses
-profile, out, base = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-config = config_module.load(None)
-config = dataclasses.replace(config, profile=profile, base_model=dataclasses.replace(config.base_model, path=base))
-pins.apply(config.profile, config.threads)
-from reprolora import train
-result = train.run(config, out, progress=False)
-print(json.dumps({"wall_s": time.perf_counter() - start, "train_s": result.metrics["train_tokens"] / result.tokens_per_second,
-                  "train_tokens": result.metrics["train_tokens"], "steps": result.metrics["steps"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+from typing import Any, Callable
 
-TRAINER_RUN = r"""
-import json, random, resource, sys, time
-from pathlib import Path
-start = time.perf_counter()
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-from reprolora import config as config_module, dataset
-out, base = sys.argv[1], sys.argv[2]
-config = config_module.load(None)
-t = config.train
-tokenizer = AutoTokenizer.from_pretrained(base)
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-data = dataset.load("")
-train_idx, _ = dataset.split(len(data.conversations), config.dataset.eval_fraction, random.Random(config.seed))
-examples = []
-for i in train_idx:
-    enc = dataset.tokenize(tokenizer, data.conversations[i], config.dataset.max_seq_len, str(i))
-    examples.append({"input_ids": enc.input_ids, "labels": enc.labels, "attention_mask": [1] * len(enc.input_ids)})
-model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                                         target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                         num_train_epochs=t.epochs, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_schedule,
-                         warmup_steps=max(1, round(t.warmup_ratio * 17)), max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=config.seed, disable_tqdm=True)
-trainer = Trainer(model=model, args=args, train_dataset=examples,
-                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-tick = time.perf_counter()
-output = trainer.train()
-train_s = time.perf_counter() - tick
-model.save_pretrained(out)
-tokens = sum(len(e["input_ids"]) for e in examples) * t.epochs
-print(json.dumps({"wall_s": time.perf_counter() - start, "train_s": train_s, "train_tokens": tokens,
-                  "steps": output.global_step, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+PROFILE_STEPS = 2
+CEILING_SAMPLE = 12  # examples whose shapes the ceiling times, evenly spread over the job's lengths
+CEILING_RUNS = 3  # each product's best of this many
 
 
-def run(code: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+# ---------------------------------------------------------------------------------------------------- children
+
+
+def job_config(base: str, profile: str, threads: int, max_steps: int) -> Any:
+    from reprolora import config as config_module
+
+    config = config_module.load(None)
+    return dataclasses.replace(config, profile=profile, threads=threads,
+                               base_model=dataclasses.replace(config.base_model, path=base),
+                               train=dataclasses.replace(config.train, max_steps=max_steps))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_reprolora(args: dict[str, Any]) -> dict[str, Any]:
+    """`reprolora train` of the job, as the CLI runs it (eval, probes and publishing included in wall time)."""
+    start = time.perf_counter()
+    from reprolora import pins
+
+    pins.apply(args["profile"], args["threads"])
+    from reprolora import train
+
+    result = train.run(job_config(args["base"], args["profile"], args["threads"], args["max_steps"]), Path(args["out"]),
+                       progress=False)
+    tokens = result.metrics["train_tokens"]
+    return {"wall_s": time.perf_counter() - start, "train_s": tokens / result.tokens_per_second, "train_tokens": tokens,
+            "steps": result.metrics["steps"], "peak_rss_mb": peak_rss_mb()}
+
+
+def child_trainer(args: dict[str, Any]) -> dict[str, Any]:
+    """The HF Trainer + peft on the same examples, steps, batch size, learning rate and schedule."""
+    start = time.perf_counter()
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from reprolora import dataset
+
+    torch.set_num_threads(args["threads"])
+    config = job_config(args["base"], "native", args["threads"], args["max_steps"])
+    t = config.train
+    tokenizer = AutoTokenizer.from_pretrained(args["base"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.float32)
+    data = dataset.load("")
+    train_idx, _ = dataset.split(len(data.conversations), config.dataset.eval_fraction, random.Random(config.seed))
+    examples = []
+    for i in train_idx:
+        enc = dataset.tokenize(tokenizer, data.conversations[i], config.dataset.max_seq_len, str(i))
+        examples.append({"input_ids": enc.input_ids, "labels": enc.labels, "attention_mask": [1] * len(enc.input_ids)})
+    model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
+                                             lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules,
+                                             task_type="CAUSAL_LM"))
+    steps = -(-len(examples) // (t.batch_size * t.grad_accum)) * t.epochs
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    tokens = 0
+
+    def counting_collator(features: list[dict]) -> dict:
+        nonlocal tokens  # the real tokens trained on, padding not counted
+        tokens += sum(len(f["input_ids"]) for f in features)
+        return collator(features)
+
+    training = TrainingArguments(
+        output_dir=args["out"], per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs, max_steps=args["max_steps"] or -1, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_schedule, warmup_steps=max(1, round(t.warmup_ratio * steps)),
+        max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, seed=config.seed, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=examples, data_collator=counting_collator)
+    tick = time.perf_counter()
+    output = trainer.train()
+    train_s = time.perf_counter() - tick
+    model.save_pretrained(args["out"])
+    return {"wall_s": time.perf_counter() - start, "train_s": train_s, "train_tokens": tokens,
+            "steps": output.global_step, "peak_rss_mb": peak_rss_mb()}
+
+
+def example_products(model: Any, config: Any, tokens: int, labelled: int) -> list[tuple[str, Callable, float, int]]:
+    """The matrix products of one example's forward and backward pass: (kind, a function that makes the product
+    on random operands of its shapes and layouts and returns it as a function of no arguments, its FLOPs, how many
+    times the model runs it)."""
+    import torch
+    import torch.nn.functional as F
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape)
+
+    def linear(n: int, fan_in: int, fan_out: int, trainable: bool) -> list[tuple[str, Callable, float]]:
+        def operands() -> tuple[torch.Tensor, ...]:
+            return rand(n, fan_in), rand(fan_out, fan_in), rand(n, fan_out)
+
+        def forward() -> Callable:
+            x, w, _ = operands()
+            return lambda: F.linear(x, w)
+
+        def input_gradient() -> Callable:
+            _, w, g = operands()
+            return lambda: g @ w
+
+        def weight_gradient() -> Callable:
+            x, _, g = operands()
+            return lambda: g.t() @ x
+
+        flops = 2.0 * n * fan_in * fan_out
+        products = [("forward", forward, flops), ("input gradient", input_gradient, flops)]
+        if trainable:
+            products.append(("LoRA weight gradient", weight_gradient, flops))
+        return products
+
+    lm_head = model.get_output_embeddings()
+    shapes: dict[tuple[int, int, bool], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not lm_head:
+            key = (module.in_features, module.out_features, module.weight.requires_grad)
+            shapes[key] = shapes.get(key, 0) + 1
+    products = []
+    for (fan_in, fan_out, trainable), count in sorted(shapes.items()):
+        products += [(kind, fn, flops, count) for kind, fn, flops in linear(tokens, fan_in, fan_out, trainable)]
+    products += [(f"output projection {kind}", fn, flops, 1)
+                 for kind, fn, flops in linear(labelled, lm_head.in_features, lm_head.out_features, False)]
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or head_dim
+    flops = 2.0 * heads * tokens * tokens * head_dim
+
+    def attention(transpose_a: bool, transpose_b: bool, square_a: bool) -> Callable:
+        def make() -> Callable:
+            a = rand(heads, tokens, tokens) if square_a else rand(heads, tokens, head_dim)
+            b = rand(heads, tokens, head_dim)
+            a = a.transpose(1, 2) if transpose_a else a
+            b = b.transpose(1, 2) if transpose_b else b
+            return lambda: a @ b
+        return make
+
+    # forward Q K^T and P V; backward dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q
+    for shape in ((False, True, False), (False, False, True), (False, True, False), (True, False, True),
+                  (False, False, True), (True, False, True)):
+        products.append(("attention", attention(*shape), flops, config.num_hidden_layers))
+    return products
+
+
+def best_seconds(fn: Callable[[], Any], runs: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(runs):
+        tick = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - tick)
+    return best
+
+
+def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
+    """Under native's pins: the job's model FLOPs, the matmul ceiling at its shapes, a profile of training steps."""
+    from reprolora import pins
+
+    pins.apply("native", args["threads"])
+    import torch
+
+    from reprolora import distributed, train
+
+    job = train.setup(job_config(args["base"], "native", args["threads"], args["max_steps"]))
+    model, config = job.causal_lm, job.causal_lm.config
+    examples = [i for step in job.plan for micro_batch in step for i in micro_batch]
+    sizes = [(len(job.encoded[i].input_ids), train.labelled_tokens(job.encoded[i])) for i in examples]
+
+    flops: dict[str, float] = {}
+    with torch.no_grad():
+        for tokens, labelled in sizes:
+            for kind, _, product_flops, count in example_products(model, config, tokens, labelled):
+                flops[kind] = flops.get(kind, 0.0) + product_flops * count
+
+        # The ceiling: the same products for a sample of the examples spread over their lengths.
+        ordered = sorted(sizes)
+        sample = [ordered[round(j * (len(ordered) - 1) / max(1, CEILING_SAMPLE - 1))]
+                  for j in range(min(CEILING_SAMPLE, len(ordered)))]
+        ceiling_flops = ceiling_seconds = 0.0
+        for tokens, labelled in sample:
+            for _, make, product_flops, count in example_products(model, config, tokens, labelled):
+                ceiling_flops += product_flops * count
+                ceiling_seconds += best_seconds(make(), args["ceiling_runs"]) * count
+
+    # Where the time goes: a warm-up step, then a few steps under the profiler.
+    state = train.initial_state(job)
+    world = distributed.world()
+    train.train_step(job, state, world)
+    steps = min(PROFILE_STEPS, job.total_steps - 1)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            train.train_step(job, state, world)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events), key=lambda e: -e[1])
+    return {"flops": flops, "ceiling_gflops": ceiling_flops / ceiling_seconds / 1e9, "ceiling_sample": len(sample),
+            "profile_steps": steps, "profile_total_s": total_us / 1e6,
+            "profile": [{"op": name, "self_s": us / 1e6, "share": us / total_us, "calls": calls}
+                        for name, us, calls in ops]}
+
+
+CHILDREN = {"reprolora": child_reprolora, "trainer": child_trainer, "analysis": child_analysis}
+
+
+def run_child(kind: str, **args: Any) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"benchmark run failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"bench_train: the {kind} run {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def print_report(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
+    flops = sum(analysis["flops"].values())
+    ceiling = analysis["ceiling_gflops"]
+    best = {name: min(results, key=lambda r: r["train_s"]) for name, results in rows.items()}
+    print(f"model FLOPs of the job: {flops / 1e12:.3f} TFLOP ("
+          + ", ".join(f"{kind} {value / flops:.1%}" for kind, value in sorted(analysis["flops"].items(),
+                                                                              key=lambda kv: -kv[1])) + ")")
+    print(f"fp32 matmul ceiling at the job's shapes (native pins, {analysis['ceiling_sample']} examples' products, "
+          f"best of {CEILING_RUNS}): {ceiling:.1f} GFLOP/s")
+    print()
+    print(f"{'run':<14} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% ceiling':>10} "
+          f"{'peak RSS MB':>12} {'steps':>6} {'x Trainer':>10} {'x native':>9}")
+    for name, r in best.items():
+        gflops = flops / r["train_s"] / 1e9
+        print(f"{name:<14} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} "
+              f"{gflops:8.1f} {gflops / ceiling:10.1%} {r['peak_rss_mb']:12.0f} {r['steps']:6d} "
+              f"{r['train_s'] / best['trainer']['train_s']:10.2f} {r['train_s'] / best['native']['train_s']:9.2f}")
+    print()
+    print(f"native / Trainer training time {best['native']['train_s'] / best['trainer']['train_s']:.2f} (target <= 0.6); "
+          f"native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling (target >= 60%)")
+    print()
+    print(f"where native's time goes: torch.profiler, {analysis['profile_steps']} training steps, "
+          f"{analysis['profile_total_s']:.2f} s of self CPU time; top ops by self CPU time")
+    print(f"{'op':<52} {'self s':>8} {'share':>7} {'calls':>7}")
+    for op in analysis["profile"][:15]:
+        print(f"{op['op'][:52]:<52} {op['self_s']:8.3f} {op['share']:7.1%} {op['calls']:7d}")
+
+
+def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
+    if args.quick:
+        from reprolora import tiny
+
+        return str(tiny.make_model(scratch / "tiny-model"))
+    if args.base_model:
+        return args.base_model
+    return subprocess.run([sys.executable, "-m", "reprolora", "base-model", "prepare"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        print(json.dumps(CHILDREN[sys.argv[2]](json.loads(sys.argv[3]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every run, alternating (default 1)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--base-model", default="", help="default: the built-in model, prepared into the cache")
+    parser.add_argument("--quick", action="store_true", help="the tiny model, 2 steps, one round: checks it runs")
     args = parser.parse_args()
-    base = args.base_model or subprocess.run([sys.executable, "-m", "reprolora", "base-model", "prepare"],
-                                              capture_output=True, text=True, check=True).stdout.strip()
-    rows: dict[str, list[dict]] = {"trainer": [], "native": [], "portable": []}
-    with tempfile.TemporaryDirectory() as scratch:
-        for repeat in range(args.repeats):
-            rows["trainer"].append(run(TRAINER_RUN, f"{scratch}/trainer{repeat}", base))
-            for profile in ("native", "portable"):
-                rows[profile].append(run(REPROLORA_RUN, profile, f"{scratch}/{profile}{repeat}", base))
+    max_steps = 2 if args.quick else 0
+    from reprolora.pins import PROFILES
 
-    def best(name: str, key: str) -> float:
-        return min(row[key] for row in rows[name])
-
-    print(f"{'run':<10} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'steps':>6}")
-    for name, results in rows.items():
-        r = min(results, key=lambda row: row["train_s"])
-        print(f"{name:<10} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} {r['peak_rss_mb']:12.0f} {r['steps']:6d}")
-    print(f"native/trainer   train time {best('native', 'train_s') / best('trainer', 'train_s'):.2f}  wall {best('native', 'wall_s') / best('trainer', 'wall_s'):.2f}  (target <= 1.0)")
-    print(f"portable/native  train time {best('portable', 'train_s') / best('native', 'train_s'):.2f}  wall {best('portable', 'wall_s') / best('native', 'wall_s'):.2f}  (target <= 1.5)")
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        base = prepare_base(args, scratch)
+        common = {"base": base, "threads": args.threads, "max_steps": max_steps}
+        analysis = run_child("analysis", **common, ceiling_runs=1 if args.quick else CEILING_RUNS)
+        rows: dict[str, list[dict]] = {"trainer": [], **{profile: [] for profile in PROFILES}}
+        for repeat in range(1 if args.quick else args.repeats):
+            rows["trainer"].append(run_child("trainer", **common, out=str(scratch / f"trainer{repeat}")))
+            for profile in PROFILES:
+                rows[profile].append(run_child("reprolora", **common, profile=profile,
+                                               out=str(scratch / f"{profile}{repeat}")))
+    print_report(rows, analysis)
 
 
 if __name__ == "__main__":
