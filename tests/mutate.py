@@ -110,6 +110,10 @@ MUTANTS = [
            [Edit("python/reprolora/train.py", "completion.finish_reason,\n                                      completion.logits_sha256))",
                  "completion.finish_reason,\n                                      completion.logits_sha256[::-1]))")],
            ["tests/test_infer.py::test_answer_json_and_check"]),
+    # Issue 10, part 4: an answer must not depend on what else is decoded with it.
+    Mutant("decode-rows-follow-the-load",
+           [Edit("python/reprolora/generate.py", "        rows = SLOTS  # whatever the load", "        rows = busy  # whatever the load")],
+           ["tests/test_decode.py::test_an_answer_does_not_depend_on_the_others[3-llama]"]),
     # Gap 3: infer under the adapter's own profile.
     Mutant("infer-applies-native-whatever-the-adapter",
            [Edit("python/reprolora/infer.py", "    pins.apply(recorded.pins.profile, recorded.pins.threads)",

@@ -1,18 +1,25 @@
-"""Benchmark: `reprolora infer`'s decoding path against plain transformers + peft `generate`, and `serve` under load.
+"""Benchmark: `reprolora infer`'s decoding against plain transformers + peft `generate`, the memory-bandwidth bound,
+and `serve` under load.
 
 Part 1, in this process: the adapter is loaded twice, once by reprolora.infer (hash checks, pins, PeftModel) and
 once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
 greedily, in `--repeats` back-to-back pairs (each path first in turn). Both run under the adapter's determinism
 pins, which this process applies before torch loads, so the comparison is between the two decoding paths.
 Reported: tokens/s over a full answer (tokenizing the prompt included), first-token latency (a run with one new
-token: prompt in, first token out), and the median over pairs of reprolora's time / plain generate's time.
-Target: <= 1.0.
+token: prompt in, first token out), and the median over pairs of plain generate's time / reprolora's time
+(the speed-up; target >= 2).
 
-Part 2: `reprolora serve` in a subprocess, `--clients` concurrent clients on loopback sending `--requests` each
-(the manifest's probe prompts in turn). Reported: requests/s and generated tokens/s; every answer must be
-identical to the others for its prompt and to the golden probe recorded at training.
+Part 2, the bound: the memory bandwidth measured here (best of summing a large tensor), the weight bytes one
+decoding step reads, and what they allow: bandwidth / bytes = tokens/s at best for one request; and how much of it
+reprolora reaches.
 
-    REPROLORA_CACHE=... python python/benchmarks/bench_infer.py [ADAPTER] [--base-model DIR] [--max-new-tokens 48]
+Part 3: `reprolora serve` in a subprocess, `--clients` concurrent clients on loopback sending `--requests` each
+(the manifest's probe prompts in turn), against one client sending the same requests one after another, and
+against plain generate answering them serially in this process. Reported: requests/s, generated tokens/s, p50 and
+p99 latency; every concurrent answer must be identical (tokens and logits hash) to the one-client answer for its
+prompt, and its tokens to the golden probe recorded at training.
+
+    python python/benchmarks/bench_infer.py [ADAPTER] [--base-model DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -42,7 +50,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_tokens: int, repeats: int) -> dict[str, Any]:
+def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_tokens: int, repeats: int,
+                   serve_jobs: list[str], serve_max_tokens: int) -> dict[str, Any]:
     from reprolora import infer
 
     model = infer.load(adapter, base_dir)  # applies the adapter's pins: torch is imported after this line
@@ -55,8 +64,8 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
     plain_base = AutoModelForCausalLM.from_pretrained(model.base_folder, dtype=torch.float32)
     plain = PeftModel.from_pretrained(plain_base, str(adapter)).eval()
 
-    def plain_generate(n: int) -> list[int]:
-        inputs = plain_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    def plain_generate(n: int, text: str = prompt) -> list[int]:
+        inputs = plain_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                      return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             output = plain.generate(**inputs, max_new_tokens=n, do_sample=False,
@@ -101,12 +110,60 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
                         "all_s_per_token": per_token, "all_first_token_s": first}
     for kind in ("full", "first"):
         pairs = zip(times["reprolora"][kind], times["plain"][kind])
-        result[f"ratio_{kind}"] = median([a / b for a, b in pairs])  # reprolora's time / plain's time
+        result[f"speedup_{kind}"] = median([b / a for a, b in pairs])  # plain's time / reprolora's time
+    result["bound"] = bandwidth_bound(model.causal_lm)
+    result["bound"]["reached"] = result["reprolora"]["tokens_per_s"] / result["bound"]["tokens_per_s"]
+    result["plain_serial"] = plain_serially(plain_generate, serve_jobs, serve_max_tokens)
     return result
 
 
-def bench_server(adapter: Path, base_dir: Path | None, prompts: list[str], expected: dict[str, list[int]],
-                 clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+def plain_serially(plain_generate: Any, jobs: list[str], max_tokens: int) -> dict[str, Any]:
+    """Plain generate answering the server's requests one after another: what a one-request-at-a-time server does."""
+    latencies, generated = [], 0
+    tick = time.perf_counter()
+    for prompt in jobs:
+        started = time.perf_counter()
+        generated += len(plain_generate(max_tokens, prompt))
+        latencies.append(time.perf_counter() - started)
+    wall = time.perf_counter() - tick
+    return {"requests": len(jobs), "wall_s": wall, "requests_per_s": len(jobs) / wall, "tokens_per_s": generated / wall,
+            **percentiles(latencies)}
+
+
+def memory_bandwidth(megabytes: int = 1024, rounds: int = 5) -> float:
+    """Bytes per second this machine reads: best of summing a float32 tensor much larger than any cache."""
+    import torch
+
+    data = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(rounds):
+        tick = time.perf_counter()
+        float(data.sum())
+        best = min(best, time.perf_counter() - tick)
+    return data.numel() * 4 / best
+
+
+def bandwidth_bound(causal_lm: Any) -> dict[str, float]:
+    """Weight bytes one decoding step reads (every parameter, the input embedding once per token unless it is also
+    the output head) and the tokens/s that the measured bandwidth allows at best."""
+    embedding = causal_lm.get_input_embeddings().weight
+    tied = embedding is causal_lm.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in causal_lm.parameters())
+    per_token = total if tied else total - embedding.numel() * embedding.element_size() + embedding[0].numel() * embedding.element_size()
+    bandwidth = memory_bandwidth()
+    return {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": per_token, "tokens_per_s": bandwidth / per_token}
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+
+    def at(fraction: float) -> float:  # nearest rank
+        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+    return {"latency_p50_s": at(0.50), "latency_p99_s": at(0.99), "latency_max_s": ordered[-1]}
+
+
+def start_server(adapter: Path, base_dir: Path | None) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, "-m", "reprolora", "serve", str(adapter), "--port", "0"]
     if base_dir is not None:
         command += ["--base-model", str(base_dir)]
@@ -121,6 +178,8 @@ def bench_server(adapter: Path, base_dir: Path | None, prompts: list[str], expec
             if match:
                 port.append(int(match.group(1)))
                 ready.set()
+            elif "Traceback" in line or "Error" in line:
+                sys.stderr.write(line)
         ready.set()
 
     threading.Thread(target=drain, daemon=True).start()
@@ -128,10 +187,15 @@ def bench_server(adapter: Path, base_dir: Path | None, prompts: list[str], expec
     if not port:
         proc.kill()
         sys.exit("server did not start")
+    return proc, port[0]
+
+
+def load(port: int, jobs: list[str], clients: int, max_tokens: int) -> dict[str, Any]:
+    """`jobs` sent by `clients` concurrent clients; the answers by prompt and the throughput and latency."""
 
     def ask(prompt: str) -> tuple[str, int, dict[str, Any], float]:
         tick = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port[0], timeout=600)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": max_tokens}),
                      {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -139,29 +203,41 @@ def bench_server(adapter: Path, base_dir: Path | None, prompts: list[str], expec
         conn.close()
         return prompt, response.status, body, time.perf_counter() - tick
 
+    tick = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(ask, jobs))
+    wall = time.perf_counter() - tick
+    answers: dict[str, set[tuple[tuple[int, ...], str]]] = {}
+    for prompt, status, body, _ in results:
+        if status == 200:
+            choice = body["choices"][0]
+            answers.setdefault(prompt, set()).add((tuple(choice["token_ids"]), choice["logits_sha256"]))
+    generated = sum(len(body["choices"][0]["token_ids"]) for _, status, body, _ in results if status == 200)
+    return {"clients": clients, "requests": len(results), "errors": sum(1 for _, status, _, _ in results if status != 200),
+            "wall_s": wall, "requests_per_s": len(results) / wall, "tokens_per_s": generated / wall,
+            **percentiles([seconds for *_, seconds in results]), "answers": answers}
+
+
+def bench_server(adapter: Path, base_dir: Path | None, jobs: list[str], expected: dict[str, list[int]],
+                 clients: int, max_tokens: int) -> dict[str, Any]:
+    proc, port = start_server(adapter, base_dir)
     try:
-        ask(prompts[0])  # warm-up
-        jobs = [prompts[i % len(prompts)] for i in range(clients * requests)]
-        tick = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            results = list(pool.map(ask, jobs))
-        wall = time.perf_counter() - tick
+        load(port, jobs[:1], 1, max_tokens)  # warm-up
+        alone = load(port, jobs, 1, max_tokens)
+        together = load(port, jobs, clients, max_tokens)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
-    errors = sum(1 for _, status, _, _ in results if status != 200)
-    answers: dict[str, set[tuple[int, ...]]] = {}
-    for prompt, status, body, _ in results:
-        if status == 200:
-            answers.setdefault(prompt, set()).add(tuple(body["choices"][0]["token_ids"]))
-    identical = all(len(ids) == 1 for ids in answers.values())
-    # With max_tokens <= the probes' length, each answer is a prefix of the golden probe recorded at training.
-    match_probes = all(list(next(iter(ids))) == expected[p][:max_tokens] for p, ids in answers.items())
-    latencies = sorted(seconds for *_, seconds in results)
-    generated = sum(len(body["choices"][0]["token_ids"]) for _, status, body, _ in results if status == 200)
-    return {"requests": len(results), "errors": errors, "wall_s": wall, "requests_per_s": len(results) / wall,
-            "tokens_per_s": generated / wall, "latency_p50_s": latencies[len(latencies) // 2],
-            "latency_max_s": latencies[-1], "identical": identical, "match_probes": match_probes, "exit_code": code}
+    # One answer per prompt, whether alone or among others, and its tokens the golden probe's (a prefix of it when
+    # max_tokens is below the probes' length).
+    identical = all(len(together["answers"].get(p, ())) == 1 and together["answers"][p] == alone["answers"].get(p)
+                    for p in set(jobs))
+    match_probes = all(len(ids) == 1 and list(next(iter(ids))[0]) == expected[p][:max_tokens]
+                       for p, ids in alone["answers"].items())
+    for run in (alone, together):
+        del run["answers"]
+    return {"alone": alone, "together": together, "identical_to_alone": identical, "match_probes": match_probes,
+            "exit_code": code}
 
 
 def main() -> None:
@@ -172,16 +248,21 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=6, help="pairs of full answers (default: 6)")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=2, help="requests per client")
-    parser.add_argument("--server-max-tokens", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client (default: 4)")
+    parser.add_argument("--server-max-tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="a short run (for the tests): 1 pair, 8 new tokens, "
+                                                             "1 request per client")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.max_new_tokens, args.requests, args.server_max_tokens = 1, 8, 1, 8
     adapter = Path(args.adapter)
     base_dir = Path(args.base_model) if args.base_model else None
     probes = manifest.read(adapter).probes.results
     prompt = args.prompt or probes[0].prompt
+    jobs = [probes[i % len(probes)].prompt for i in range(args.clients * args.requests)]
 
-    d = bench_decoding(adapter, base_dir, prompt, args.max_new_tokens, args.repeats)
-    ours, plain = d["reprolora"], d["plain"]
+    d = bench_decoding(adapter, base_dir, prompt, args.max_new_tokens, args.repeats, jobs, args.server_max_tokens)
+    ours, plain, bound = d["reprolora"], d["plain"], d["bound"]
     print(f"machine: {os.cpu_count()} CPUs, torch threads {d['threads']}, cpu capability {d['cpu_capability']}; "
           f"prompt {prompt!r} ({d['prompt_tokens']} tokens), up to {args.max_new_tokens} new tokens, "
           f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; reprolora load (hash checks included) {d['load_s']:.1f} s")
@@ -189,16 +270,25 @@ def main() -> None:
     for label, r in (("reprolora infer (greedy)", ours), ("transformers+peft generate", plain)):
         print(f"{label:<28} {r['tokens']:6d} {r['tokens_per_s']:9.2f} {r['first_token_s']:14.3f}   "
               f"({r['best_tokens_per_s']:.2f} tokens/s; {r['best_first_token_s']:.3f} s)")
-    print(f"reprolora/plain, median of paired runs (target <= 1.0): time per token {d['ratio_full']:.3f}, "
-          f"first-token latency {d['ratio_first']:.3f}; same tokens: {'yes' if d['same_tokens'] else 'NO'}")
+    print(f"speed-up over plain generate, median of paired runs (target >= 2): per token {d['speedup_full']:.2f}x, "
+          f"first token {d['speedup_first']:.2f}x; same tokens: {'yes' if d['same_tokens'] else 'NO'}")
+    print(f"memory bandwidth {bound['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum of a 1 GiB tensor, best of 5); "
+          f"{bound['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token: bound {bound['tokens_per_s']:.1f} "
+          f"tokens/s for one request; reprolora reaches {100 * bound['reached']:.0f}%")
 
-    s = bench_server(adapter, base_dir, [p.prompt for p in probes], {p.prompt: p.token_ids for p in probes},
-                     args.clients, args.requests, args.server_max_tokens)
-    print(f"serve: {s['requests']} requests ({args.clients} clients x {args.requests}, max_tokens {args.server_max_tokens}) "
-          f"in {s['wall_s']:.1f} s: {s['requests_per_s']:.2f} requests/s, {s['tokens_per_s']:.1f} tokens/s, "
-          f"latency p50 {s['latency_p50_s']:.2f} s max {s['latency_max_s']:.2f} s; errors {s['errors']}; "
-          f"answers identical: {'yes' if s['identical'] else 'NO'}; equal to the golden probes: "
-          f"{'yes' if s['match_probes'] else 'NO'}; exit code after SIGTERM {s['exit_code']}")
+    s = bench_server(adapter, base_dir, jobs, {p.prompt: p.token_ids for p in probes}, args.clients, args.server_max_tokens)
+    rows = [(f"serve, {args.clients} clients", s["together"]), ("serve, 1 client", s["alone"]),
+            ("plain generate, serially", d["plain_serial"])]
+    print(f"serve: {len(jobs)} requests, max_tokens {args.server_max_tokens}")
+    print(f"{'run':<26} {'requests/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7}")
+    for label, r in rows:
+        print(f"{label:<26} {r['requests_per_s']:10.2f} {r['tokens_per_s']:9.1f} {r['latency_p50_s']:7.2f} {r['latency_p99_s']:7.2f}")
+    together = s["together"]["requests_per_s"]
+    print(f"serve: {args.clients} clients / 1 client {together / s['alone']['requests_per_s']:.2f}x, / plain generate "
+          f"serially {together / d['plain_serial']['requests_per_s']:.2f}x, / the 0.74 requests/s before batching "
+          f"{together / 0.74:.2f}x; errors {s['together']['errors'] + s['alone']['errors']}; answers identical to alone: "
+          f"{'yes' if s['identical_to_alone'] else 'NO'}; equal to the golden probes: {'yes' if s['match_probes'] else 'NO'}; "
+          f"exit code after SIGTERM {s['exit_code']}")
     print(json.dumps({"decoding": d, "serve": s}, sort_keys=True))
 
 

@@ -1,15 +1,34 @@
-"""Greedy decoding, written out so the same loop runs at training (golden probes) and at inference."""
+"""Greedy decoding that gives the same bits whatever else is decoded with it: the one engine behind training's
+golden probes, `infer`, `serve` and `merge`'s check.
+
+Why the answers do not depend on the load:
+- every decoding step runs SLOTS rows (idle slots padded), so each matrix product has the same shape whether one
+  request is decoding or SLOTS are: a BLAS picks its kernel (and so its rounding) by shape, and a row of a product
+  does not depend on the values in the other rows;
+- a request's prompt is run alone (prefill): its shapes depend on that request only;
+- attention is per request: its query against its own key/value cache, so no other request's data (nor its length,
+  nor padding) enters its arithmetic;
+- rotary tables are computed in fixed chunks of positions, so a position's angle never depends on the total length.
+
+The model forward is written out over the Hugging Face modules of the model (embedding, norms, projections, MLP,
+output head), called as they are: a PEFT LoRA layer adds its lora_B(lora_A(x)) * scaling, a merged model holds the
+merged weights. The output head runs on the last position only. Families: llama, mistral, qwen2, gpt2, gpt_neox.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from reprolora.dataset import Messages, prompt_ids
+from reprolora.errors import ReproloraError
+
+SLOTS = 8  # rows of every decoding step
+BLOCK = 64  # positions per key/value cache block: caches grow by whole blocks, never copied per token
+ROTARY_CHUNK = 64  # positions per rotary table chunk
 
 
 @dataclass(frozen=True)
@@ -31,49 +50,296 @@ def stop_token_ids(tokenizer: Any, model: Any) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
+@dataclass
+class Sequence:
+    """One request being decoded: its ids, its key/value cache and what it has produced so far."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop: list[str]
+    on_token: Callable[[list[int]], None] | None
+    generated: list[int] = field(default_factory=list)
+    digest: Any = field(default_factory=hashlib.sha256)
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, capacity, head_dim]
+    values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions in the cache
+    finish: str | None = None  # set once decoding has ended
+    text: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt_ids, list(self.generated), self.text, self.finish or "length",
+                          self.digest.hexdigest())
+
+
+class Engine:
+    """The batch-invariant decoder over one causal LM (a PeftModel's model, or a plain or merged one)."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        if hasattr(model, "get_base_model"):  # a PeftModel: decode with the model inside, as training does
+            model = model.get_base_model()
+        self.model, self.tokenizer = model, tokenizer
+        self.eos = stop_token_ids(tokenizer, model)
+        config = model.config
+        self.family = config.model_type
+        heads = config.num_attention_heads
+        self.heads = heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.windows: list[int | None]
+        if self.family in ("llama", "mistral", "qwen2"):
+            inner = model.model
+            self.embed, self.layers, self.final_norm, self.rotary = inner.embed_tokens, list(inner.layers), inner.norm, inner.rotary_emb
+            self.head = model.lm_head
+            window = getattr(config, "sliding_window", None)
+            if self.family == "mistral":
+                self.windows = [window] * len(self.layers)
+            elif self.family == "qwen2":
+                types = getattr(config, "layer_types", None) or ["full_attention"] * len(self.layers)
+                self.windows = [window if kind == "sliding_attention" else None for kind in types]
+            else:
+                self.windows = [None] * len(self.layers)
+            self.scalings = [self.head_dim ** -0.5] * len(self.layers)
+        elif self.family == "gpt2":
+            inner = model.transformer
+            self.embed, self.positions, self.layers, self.final_norm = inner.wte, inner.wpe, list(inner.h), inner.ln_f
+            self.head, self.rotary = model.lm_head, None
+            self.windows = [None] * len(self.layers)
+            if getattr(config, "reorder_and_upcast_attn", False):
+                raise ReproloraError("gpt2 models with reorder_and_upcast_attn are not supported by the decoder")
+            scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+            self.scalings = [scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale
+                             for i in range(len(self.layers))]
+        elif self.family == "gpt_neox":
+            inner = model.gpt_neox
+            self.embed, self.layers, self.final_norm, self.rotary = inner.embed_in, list(inner.layers), inner.final_layer_norm, inner.rotary_emb
+            self.head = model.get_output_embeddings()
+            self.windows = [None] * len(self.layers)
+            self.scalings = [self.head_dim ** -0.5] * len(self.layers)
+        else:
+            raise ReproloraError(f"the decoder knows model types llama, mistral, qwen2, gpt2, gpt_neox, not {self.family!r}")
+        self.cos: torch.Tensor | None = None  # rotary table, [positions, rotary dims]
+        self.sin: torch.Tensor | None = None
+        self.steps = 0  # decoding steps run (each SLOTS rows)
+        self.rows = 0  # busy rows over those steps
+
+    # ----------------------------------------------------------------------------------------- the public API
+
+    def start(self, ids: list[int], max_new_tokens: int, stop: list[str] | None = None,
+              on_token: Callable[[list[int]], None] | None = None) -> Sequence:
+        """A new sequence with its prompt run (alone) and its first token chosen; it may be done already."""
+        sequence = Sequence(list(ids), max_new_tokens, list(stop or []), on_token)
+        if max_new_tokens < 1:
+            sequence.finish = "length"
+            return sequence
+        with torch.inference_mode():
+            logits = self._prefill(sequence)
+        self._take(sequence, logits[0])
+        return sequence
+
+    def step(self, sequences: list[Sequence]) -> None:
+        """One token more for each sequence (at most SLOTS, none done), computed in one fixed-shape step."""
+        if not 0 < len(sequences) <= SLOTS or any(s.done for s in sequences):
+            raise ValueError(f"step takes 1 to {SLOTS} sequences that are not done")
+        with torch.inference_mode():
+            logits = self._decode(sequences)
+        self.steps += 1
+        self.rows += len(sequences)
+        for row, sequence in enumerate(sequences):
+            self._take(sequence, logits[row])
+
+    # ----------------------------------------------------------------------------------------- choosing tokens
+
+    def _take(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        logits = logits.float()
+        sequence.digest.update(logits.numpy().tobytes())
+        token = int(torch.argmax(logits))
+        if token in self.eos:
+            self._finish(sequence, "stop")
+            return
+        sequence.generated.append(token)
+        if sequence.on_token is not None:
+            sequence.on_token(sequence.generated)
+        if sequence.stop and any(s in self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+                                 for s in sequence.stop):
+            self._finish(sequence, "stop")
+        elif len(sequence.generated) >= sequence.max_new_tokens:
+            self._finish(sequence, "length")
+
+    def _finish(self, sequence: Sequence, reason: str) -> None:
+        text = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
+        if sequence.stop:
+            cut = min((text.find(s) for s in sequence.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        sequence.finish, sequence.text = reason, text
+        sequence.keys, sequence.values = [], []  # free the cache
+
+    # ----------------------------------------------------------------------------------------- the forward
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows for `positions`, from a table grown chunk by chunk by the model's own rotary module."""
+        needed = int(positions.max()) + 1
+        if self.cos is None or self.cos.shape[0] < needed:
+            chunks = -(-needed // ROTARY_CHUNK)
+            positions_table = torch.arange(chunks * ROTARY_CHUNK).reshape(chunks, ROTARY_CHUNK)
+            pairs = [self.rotary(torch.zeros(1, dtype=torch.float32), row.unsqueeze(0)) for row in positions_table]
+            self.cos = torch.cat([cos[0] for cos, _ in pairs])
+            self.sin = torch.cat([sin[0] for _, sin in pairs])
+        return self.cos[positions], self.sin[positions]
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.family == "gpt2":
+            x = x + self.positions(positions)
+        return x
+
+    def _qkv(self, layer: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """q [n, heads, d], k and v [n, kv_heads, d] of the normed input `h` [n, hidden], and the attention module."""
+        n, d = h.shape[0], self.head_dim
+        if self.family == "gpt2":
+            attn = layer.attn
+            q, k, v = attn.c_attn(h).split(self.heads * d, dim=-1)
+        elif self.family == "gpt_neox":
+            attn = layer.attention
+            q, k, v = attn.query_key_value(h).view(n, self.heads, 3 * d).chunk(3, dim=-1)
+        else:
+            attn = layer.self_attn
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        return q.reshape(n, self.heads, d), k.reshape(n, self.kv_heads, d), v.reshape(n, self.kv_heads, d), attn
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """HF's rotary embedding on [n, heads, d] (GPT-NeoX: on the first rotary dims only)."""
+        dims = cos.shape[-1]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rot, rest = x[..., :dims], x[..., dims:]
+        half = dims // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+    def _layer(self, index: int, x: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+               cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+        layer = self.layers[index]
+        norm1 = layer.ln_1 if self.family == "gpt2" else layer.input_layernorm
+        q, k, v, attn = self._qkv(layer, norm1(x))
+        if cos is not None:
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out = attend(index, q, k, v).reshape(x.shape[0], self.heads * self.head_dim)
+        if self.family == "gpt2":
+            x = x + attn.c_proj(out)
+            return x + layer.mlp(layer.ln_2(x))
+        if self.family == "gpt_neox":
+            attn_out = attn.dense(out)
+            if layer.use_parallel_residual:
+                return layer.mlp(layer.post_attention_layernorm(x)) + attn_out + x
+            x = attn_out + x
+            return layer.mlp(layer.post_attention_layernorm(x)) + x
+        x = x + attn.o_proj(out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _attention(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T * scale) v for one request: q [n, heads, d], keys/values [kv_heads, L, d] -> [n, heads, d]."""
+        n, group = q.shape[0], self.heads // self.kv_heads
+        # Query heads grouped under their key/value head: [kv_heads, group * n, d].
+        q = q.permute(1, 0, 2).reshape(self.kv_heads, group * n, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(1, 2)) * self.scalings[index]
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32), values)
+        return out.reshape(self.heads, n, self.head_dim).permute(1, 0, 2)
+
+    def _store(self, sequence: Sequence, index: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
+        """Write k, v [n, kv_heads, d] at positions at.. of the sequence's cache, growing it by whole blocks."""
+        end = at + k.shape[0]
+        if index == len(sequence.keys):
+            capacity = -(-end // BLOCK) * BLOCK
+            sequence.keys.append(torch.empty(self.kv_heads, capacity, self.head_dim))
+            sequence.values.append(torch.empty(self.kv_heads, capacity, self.head_dim))
+        elif end > sequence.keys[index].shape[1]:
+            for cache in (sequence.keys, sequence.values):
+                grown = torch.empty(self.kv_heads, sequence.keys[index].shape[1] + BLOCK, self.head_dim)
+                grown[:, :at] = cache[index][:, :at]
+                cache[index] = grown
+        sequence.keys[index][:, at:end] = k.transpose(0, 1)
+        sequence.values[index][:, at:end] = v.transpose(0, 1)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(x)).float()
+
+    def _prefill(self, sequence: Sequence) -> torch.Tensor:
+        """The prompt alone through the model; its caches filled; the last position's logits [1, vocab]."""
+        n = len(sequence.prompt_ids)
+        positions = torch.arange(n)
+        x = self._embed(torch.tensor(sequence.prompt_ids, dtype=torch.long), positions)
+        cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
+        group = self.heads // self.kv_heads
+        later = positions.unsqueeze(0) > positions.unsqueeze(1)  # [query, key]: a key after its query
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._store(sequence, index, k, v, 0)
+            mask = later
+            window = self.windows[index]
+            if window is not None:
+                mask = mask | (positions.unsqueeze(0) <= positions.unsqueeze(1) - window)
+            return self._attention(index, q, k.transpose(0, 1), v.transpose(0, 1), mask.repeat(group, 1))
+
+        for index in range(len(self.layers)):
+            x = self._layer(index, x, attend, cos, sin)
+        sequence.length = n
+        return self._logits(x[-1:])
+
+    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
+        """One token for each sequence, in SLOTS rows; logits [SLOTS, vocab] (rows past the sequences: padding)."""
+        busy = len(sequences)
+        rows = SLOTS  # whatever the load: the products' shapes, and so their bits, never change
+        tokens = [s.generated[-1] for s in sequences] + [0] * (rows - busy)
+        positions = torch.tensor([s.length for s in sequences] + [0] * (rows - busy))
+        x = self._embed(torch.tensor(tokens, dtype=torch.long), positions)
+        cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(q)  # padding rows attend to nothing
+            for row, sequence in enumerate(sequences):
+                at = sequence.length
+                self._store(sequence, index, k[row:row + 1], v[row:row + 1], at)
+                window = self.windows[index]
+                first = max(0, at + 1 - window) if window is not None else 0
+                out[row] = self._attention(index, q[row:row + 1], sequence.keys[index][:, first:at + 1],
+                                           sequence.values[index][:, first:at + 1], None)[0]
+            return out
+
+        for index in range(len(self.layers)):
+            x = self._layer(index, x, attend, cos, sin)
+        for sequence in sequences:
+            sequence.length += 1
+        return self._logits(x)
+
+
+def engine_for(model: Any, tokenizer: Any) -> Engine:
+    """The model's engine, made once and kept on the model (its rotary table grows as positions are needed)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    engine = inner.__dict__.get("_reprolora_engine")
+    if engine is None or engine.tokenizer is not tokenizer:
+        engine = Engine(inner, tokenizer)
+        inner.__dict__["_reprolora_engine"] = engine
+    return engine
+
+
 def greedy(model: Any, tokenizer: Any, prompt: str | Messages, max_new_tokens: int, stop: list[str] | None = None,
            on_token: Callable[[list[int]], None] | None = None) -> Completion:
-    """Greedy decoding of `prompt` (one user message, or a conversation) with a key/value cache.
+    """Greedy decoding of `prompt` (one user message, or a conversation), alone: the same bits as when it is
+    decoded among others (Engine).
 
     `on_token` sees the generated ids after each new token (streaming); it does not change what is decoded.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    ids = prompt_ids(tokenizer, messages)
-    eos = stop_token_ids(tokenizer, model)
-    digest = hashlib.sha256()
-    generated: list[int] = []
-    finish = "length"
-    if hasattr(model, "get_base_model"):  # a PeftModel: decode with the model inside, as training does
-        model = model.get_base_model()
-    parameters = inspect.signature(model.forward).parameters
-    # transformers 5.x renamed the key/value cache argument from past_key_values to cache.
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-    # Only the last position's logits are used: computing just those skips a [prompt x vocab] matmul at the first
-    # step (25% of the first-token latency on the default model). The output projection then always runs on one
-    # row, and that kernel's bits are what the probes' logits hash records.
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    past = None
-    step_input = torch.tensor([ids], dtype=torch.long)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, use_cache=True, **{cache_arg: past}, **keep_last)
-        logits = out.logits[0, -1].float()
-        digest.update(logits.numpy().tobytes())
-        token = int(torch.argmax(logits))
-        if token in eos:
-            finish = "stop"
-            break
-        generated.append(token)
-        if on_token is not None:
-            on_token(generated)
-        if stop and any(s in tokenizer.decode(generated, skip_special_tokens=True) for s in stop):
-            finish = "stop"
-            break
-        past = getattr(out, cache_arg)
-        step_input = torch.tensor([[token]], dtype=torch.long)
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    if stop:
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-    return Completion(ids, generated, text, finish, digest.hexdigest())
+    engine = engine_for(model, tokenizer)
+    sequence = engine.start(prompt_ids(tokenizer, messages), max_new_tokens, stop, on_token)
+    while not sequence.done:
+        engine.step([sequence])
+    return sequence.completion()

@@ -3,17 +3,19 @@
 Routes (the ROUTES table): POST /v1/chat/completions, POST /v1/completions (both also as server-sent events with
 `stream: true`), GET /v1/models, GET /healthz, GET /metrics (Prometheus text format). The official `openai` client
 works against it (tests/test_chat.py).
-Greedy decoding only, so the answer to a request depends on nothing but the request: one lock serialises every
-use of the model and tokenizer, concurrent requests wait their turn (a batch would change the padding and with it
-the bits). Every error is a JSON body {"error": {"message", "type"}} with a 4xx/5xx status; tracebacks go to the
-server's stderr, never to a client. SIGTERM (or SIGINT) stops accepting connections, lets the requests already
-accepted finish, and exits 0.
+Greedy decoding only, and concurrent requests are decoded together (continuous batching) by one decode thread that
+owns the model and the tokenizer: handler threads submit requests to it and wait. The answer to a request still
+depends on nothing but the request: the engine (reprolora.generate) runs every step at a fixed number of rows and
+each request's attention on its own cache, so an answer is bit for bit the one it gets alone. Every error is a JSON
+body {"error": {"message", "type"}} with a 4xx/5xx status; tracebacks go to the server's stderr, never to a client.
+SIGTERM (or SIGINT) stops accepting connections, lets the requests already accepted finish, and exits 0.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import queue
 import signal
 import sys
 import threading
@@ -24,7 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from reprolora import infer
-
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class Metrics:
         self.latency: dict[str, tuple[float, int]] = {}
         self.completion_tokens = 0
         self.prompt_tokens = 0
-        self.waiting = 0  # requests queued for the model lock
+        self.waiting = 0  # requests submitted and not yet decoding
+        self.decode_steps = 0
+        self.decode_rows = 0  # requests decoded, summed over the steps (rows computed: SLOTS per step)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -95,6 +98,11 @@ class Metrics:
     def queue(self, delta: int) -> None:
         with self._lock:
             self.waiting += delta
+
+    def decoded(self, rows: int) -> None:
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_rows += rows
 
     def render(self) -> str:
         with self._lock:
@@ -113,7 +121,11 @@ class Metrics:
                       "# TYPE reprolora_completion_tokens_total counter",
                       f"reprolora_completion_tokens_total {self.completion_tokens}",
                       "# HELP reprolora_queued_requests Completions waiting for the model.",
-                      "# TYPE reprolora_queued_requests gauge", f"reprolora_queued_requests {self.waiting}"]
+                      "# TYPE reprolora_queued_requests gauge", f"reprolora_queued_requests {self.waiting}",
+                      "# HELP reprolora_decode_steps_total Decoding steps run (each a fixed number of rows).",
+                      "# TYPE reprolora_decode_steps_total counter", f"reprolora_decode_steps_total {self.decode_steps}",
+                      "# HELP reprolora_decode_rows_total Requests decoded in those steps, summed over the steps.",
+                      "# TYPE reprolora_decode_rows_total counter", f"reprolora_decode_rows_total {self.decode_rows}"]
         return "\n".join(lines) + "\n"
 
 
@@ -263,6 +275,115 @@ class TextStream:
             self.sent = text
 
 
+class Job:
+    """One request handed to the decode thread; `wait` gives its (completion, prompt tokens) or raises its error.
+
+    `on_token(ids)` and `on_done()` are called in the decode thread: they must only hand things over, never block."""
+
+    def __init__(self, request: Request, on_token: Any = None, on_done: Any = None) -> None:
+        self.request, self.on_token, self.on_done = request, on_token, on_done
+        self.completion: Any = None
+        self.prompt_tokens = 0
+        self.error: Exception | None = None
+        self.finished = threading.Event()
+
+    def finish(self, completion: Any = None, error: Exception | None = None) -> None:
+        self.completion, self.error = completion, error
+        self.finished.set()
+        if self.on_done is not None:
+            self.on_done()
+
+    def wait(self) -> tuple[Any, int]:
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.completion, self.prompt_tokens
+
+
+class Decoder:
+    """The decode thread: owns the model and tokenizer, admits submitted jobs into free slots (each prompt run
+    alone), and steps every decoding job together until it ends (continuous batching)."""
+
+    def __init__(self, model: infer.Model, limits: Limits, metrics: Metrics) -> None:
+        from reprolora import generate
+
+        self.model, self.limits, self.metrics = model, limits, metrics
+        self.engine = generate.engine_for(model.causal_lm, model.tokenizer)
+        self.slots = generate.SLOTS
+        self.submitted: queue.Queue[Job | None] = queue.Queue()
+        self.served = 0
+        self.thread = threading.Thread(target=self._run, name="reprolora-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.metrics.queue(1)
+        self.submitted.put(job)
+        return job
+
+    def close(self) -> None:
+        self.submitted.put(None)
+        self.thread.join(timeout=60)
+
+    def _admit(self, job: Job) -> Any:
+        """The job's sequence with its prompt run and first token chosen, or None when the job has ended already."""
+        from reprolora.dataset import prompt_ids
+
+        self.metrics.queue(-1)
+        request = job.request
+        try:
+            messages = [{"role": "user", "content": request.prompt}] if isinstance(request.prompt, str) else request.prompt
+            ids = prompt_ids(self.model.tokenizer, messages)
+            job.prompt_tokens = len(ids)
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise RequestError(400, f"prompt is {len(ids)} tokens; this server allows at most {self.limits.max_prompt_tokens}")
+            if len(ids) + request.max_tokens > self.model.context_length:
+                raise RequestError(400, f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
+                                        f"context length of {self.model.context_length}")
+            sequence = self.engine.start(ids, request.max_tokens, request.stops or None, job.on_token)
+        except Exception as e:  # noqa: BLE001 - the handler thread reports it (a RequestError) or logs it (a bug)
+            job.finish(error=e)
+            return None
+        if sequence.done:
+            self._complete(job, sequence)
+            return None
+        return sequence
+
+    def _complete(self, job: Job, sequence: Any) -> None:
+        completion = sequence.completion()
+        self.served += 1
+        self.metrics.add_tokens(job.prompt_tokens, len(completion.token_ids))
+        job.finish(completion)
+
+    def _run(self) -> None:
+        active: list[tuple[Job, Any]] = []
+        while True:
+            while len(active) < self.slots:
+                try:  # block only when there is nothing to decode
+                    job = self.submitted.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                sequence = self._admit(job)
+                if sequence is not None:
+                    active.append((job, sequence))
+            if not active:
+                continue
+            try:
+                self.engine.step([sequence for _, sequence in active])
+            except Exception as e:  # noqa: BLE001 - a bug: fail the jobs in the step, keep serving
+                traceback.print_exc(file=sys.stderr)
+                for job, _ in active:
+                    job.finish(error=e)
+                active = []
+                continue
+            self.metrics.decoded(len(active))
+            for job, sequence in active:
+                if sequence.done:
+                    self._complete(job, sequence)
+            active = [(job, sequence) for job, sequence in active if not sequence.done]
+
+
 class Server(ThreadingHTTPServer):
     # Non-daemon handler threads, joined by server_close(): a shutdown lets accepted requests finish.
     daemon_threads = False
@@ -273,26 +394,17 @@ class Server(ThreadingHTTPServer):
         self.model = model
         self.limits = limits
         self.metrics = Metrics()
-        self.model_lock = threading.Lock()
+        self.decoder = Decoder(model, limits, self.metrics)
         self.started = int(time.time())
-        self.served = 0
         self.ids = itertools.count(1)  # response ids; next() on a count is atomic under the GIL
 
-    def generate(self, request: Request, on_token: Any = None) -> tuple[Any, int]:
-        """(completion, prompt tokens): greedy decoding under the model lock, limits checked first."""
-        self.metrics.queue(1)
-        with self.model_lock:  # the tokenizer is not thread-safe either, so counting happens in here too
-            self.metrics.queue(-1)
-            n_prompt = infer.prompt_tokens(self.model, request.prompt)
-            if n_prompt > self.limits.max_prompt_tokens:
-                raise RequestError(400, f"prompt is {n_prompt} tokens; this server allows at most {self.limits.max_prompt_tokens}")
-            if n_prompt + request.max_tokens > self.model.context_length:
-                raise RequestError(400, f"prompt ({n_prompt} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
-                                        f"context length of {self.model.context_length}")
-            completion = infer.complete(self.model, request.prompt, request.max_tokens, request.stops or None, on_token)
-            self.served += 1
-        self.metrics.add_tokens(n_prompt, len(completion.token_ids))
-        return completion, n_prompt
+    def submit(self, request: Request, on_token: Any = None, on_done: Any = None) -> Job:
+        """Hand `request` to the decode thread; `on_token(ids)` runs there after each token (streaming)."""
+        return self.decoder.submit(Job(request, on_token, on_done))
+
+    def generate(self, request: Request) -> tuple[Any, int]:
+        """(completion, prompt tokens), decoded among whatever else is in flight, limits checked first."""
+        return self.submit(request).wait()
 
     def complete(self, prompt: str, max_tokens: int, stops: list[str]) -> dict[str, Any]:
         """A completions response (OpenAI's text_completion object) for one prompt."""
@@ -443,8 +555,15 @@ class Handler(BaseHTTPRequestHandler):
                 self._start_stream(first)
             self._write_event(delta_chunk(delta))
 
-        stream = TextStream(self.server.model.tokenizer, request.stops, send)
-        completion, n_prompt = self.server.generate(request, stream.on_token)
+        # The decode thread turns tokens into text deltas and queues them; this thread writes them, so a slow client
+        # never holds up the other requests in the batch.
+        deltas: queue.Queue[str | None] = queue.Queue()
+        stream = TextStream(self.server.model.tokenizer, request.stops, deltas.put)
+        job = self.server.submit(request, stream.on_token, lambda: deltas.put(None))
+        while (delta := deltas.get()) is not None:
+            send(delta)
+        completion, n_prompt = job.wait()
+        stream.send = send  # decoding has ended: the rest of the text goes out from this thread
         stream.finish(completion.text)
         if not self._streaming:
             self._start_stream(first)
@@ -474,7 +593,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; decoding goes on to the end under the lock, as a non-streamed request would
+            pass  # the client left; decoding goes on to the end, as a non-streamed request would
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -549,5 +668,6 @@ def run(model: infer.Model, host: str, port: int, limits: Limits = Limits()) -> 
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()  # joins the handler threads: every accepted request gets its answer
+        server.decoder.close()
     print("reprolora: stopped", file=sys.stderr, flush=True)
     return 0

@@ -1,0 +1,178 @@
+"""The decoding engine (reprolora.generate): HF's numbers for every family, and answers that do not depend on what
+else is decoded with them, in process and through a running `reprolora serve`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tiny
+from conftest import run_cli
+from reprolora import generate
+from reprolora.dataset import prompt_ids
+
+PROMPTS = ["Why pin seeds?", "Why check hashes of every file in the folder?", "Hi", "Why pin lockfiles, toolchains and caches?",
+           "What changes floating-point results on a CPU, and why does the batch matter?", "Why?", "Check threads.",
+           "How do I prove a model came from these inputs?"]
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model of a family with a LoRA adapter on every linear layer, its lora_B random (so it adds something)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reprolora import families
+
+    made: dict[str, Any] = {}
+
+    def make(family: str) -> tuple[Any, Any]:
+        if family not in made:
+            folder = tiny.make_family_model(tmp_path_factory.mktemp(family) / "model", family)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            torch.manual_seed(1)
+            config = LoraConfig(r=4, lora_alpha=8, target_modules=families.preset_modules(family, "all-linear"),
+                                fan_in_fan_out=family == "gpt2")
+            model = get_peft_model(base, config).eval()
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(0, 0.2)
+            made[family] = (model, tokenizer)
+        return made[family]
+
+    return make
+
+
+def ids_of(tokenizer: Any, prompt: str) -> list[int]:
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_logits_and_tokens_are_hfs(family_models, family: str) -> None:
+    model, tokenizer = family_models(family)
+    inner = model.get_base_model()
+    engine = generate.Engine(model, tokenizer)
+    # Long enough to cross a cache block and the tiny Mistral's sliding window of 64.
+    ids = ids_of(tokenizer, PROMPTS[4] + " " + PROMPTS[7])
+    new = 24
+    logits = []
+    sequence = generate.Sequence(ids, new, [], None)
+    with torch.inference_mode():
+        logits.append(engine._prefill(sequence)[0])
+        tokens = [int(torch.argmax(logits[-1]))]
+        while len(tokens) < new:
+            sequence.generated = tokens
+            logits.append(engine._decode([sequence])[0])
+            tokens.append(int(torch.argmax(logits[-1])))
+        hf = inner(input_ids=torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
+        generated = inner.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id or 0)[0, len(ids):].tolist()
+    assert len(ids) + new > 64
+    difference = float((torch.stack(logits) - hf).abs().max())
+    assert difference < 1e-5, f"{family}: logits differ from HF's by {difference}"
+    assert tokens == generated
+
+
+def run_staggered(engine: generate.Engine, requests: list[tuple[int, list[int], int]]) -> list[generate.Completion]:
+    """Decode `requests` (arrival step, prompt ids, max new tokens) as a server does: arrivals join the running batch."""
+    pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
+    active: list[tuple[int, generate.Sequence]] = []
+    done: dict[int, generate.Completion] = {}
+    tick = 0
+    while pending or active:
+        while pending and requests[pending[0]][0] <= tick and len(active) < generate.SLOTS:
+            number = pending.pop(0)
+            sequence = engine.start(requests[number][1], requests[number][2])
+            if sequence.done:
+                done[number] = sequence.completion()
+            else:
+                active.append((number, sequence))
+        if active:
+            engine.step([s for _, s in active])
+            for number, sequence in active:
+                if sequence.done:
+                    done[number] = sequence.completion()
+            active = [(n, s) for n, s in active if not s.done]
+        tick += 1
+    return [done[i] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("others", [1, 3, 7])
+def test_an_answer_does_not_depend_on_the_others(family_models, family: str, others: int) -> None:
+    model, tokenizer = family_models(family)
+    engine = generate.Engine(model, tokenizer)
+    target = ids_of(tokenizer, PROMPTS[0])
+    alone = generate.greedy(model, tokenizer, PROMPTS[0], 20)
+    assert alone.token_ids and alone.finish_reason == "length"
+    # Others of various lengths, arriving before, with and after the target, some finishing while it decodes.
+    for target_arrives in (0, 3):
+        requests = [(target_arrives, target, 20)]
+        requests += [((k * 2) % 7, ids_of(tokenizer, PROMPTS[1 + k % 7]), 5 + 7 * k % 23) for k in range(others)]
+        results = run_staggered(engine, requests)
+        assert results[0] == alone, f"target arriving at step {target_arrives} among {others} others"
+        for (_, ids, new), got in zip(requests[1:], results[1:]):
+            assert got == run_staggered(engine, [(0, ids, new)])[0]
+
+
+def test_start_and_step_refuse_what_they_cannot_do(family_models) -> None:
+    model, tokenizer = family_models("llama")
+    engine = generate.Engine(model, tokenizer)
+    empty = engine.start(ids_of(tokenizer, "Hi"), 0)
+    assert empty.done and empty.completion().token_ids == []
+    with pytest.raises(ValueError):
+        engine.step([empty])
+    sequences = [engine.start(ids_of(tokenizer, "Hi"), 4) for _ in range(generate.SLOTS + 1)]
+    with pytest.raises(ValueError):
+        engine.step(sequences)
+
+
+def test_served_concurrently_equals_infer_alone(tiny_adapter: Path, tiny_base_model: Path) -> None:
+    from test_serve import Server
+
+    prompts = PROMPTS[:4]
+    alone = {}
+    for prompt in prompts:
+        alone[prompt] = json.loads(run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json",
+                                           prompt, "-n", "12").stdout)
+    server = Server(tiny_adapter, tiny_base_model)
+    try:
+        jobs = [prompts[i % len(prompts)] for i in range(24)]
+
+        def ask(prompt: str) -> tuple[str, dict[str, Any]]:
+            return prompt, server.complete(prompt=prompt, max_tokens=12)["choices"][0]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(ask, jobs))
+        metrics = server.request("GET", "/metrics")[1].decode()
+    finally:
+        assert server.stop() == 0
+    for prompt, choice in answers:
+        want = alone[prompt]
+        assert (choice["token_ids"], choice["text"], choice["logits_sha256"]) == (
+            want["token_ids"], want["text"], want["logits_sha256"]), prompt
+    manifest = json.loads((tiny_adapter / "manifest.json").read_text())
+    probe = manifest["probes"]["results"][0]
+    assert alone[probe["prompt"]]["token_ids"][:8] == probe["token_ids"]
+    steps = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("reprolora_decode_steps_total")))
+    rows = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("reprolora_decode_rows_total")))
+    assert rows > steps > 0  # some steps decoded several requests together
+
+
+def test_bench_infer_quick_runs(tiny_adapter: Path, tiny_base_model: Path) -> None:
+    bench = Path(__file__).resolve().parent.parent / "python" / "benchmarks" / "bench_infer.py"
+    result = subprocess.run([sys.executable, str(bench), str(tiny_adapter), "--base-model", str(tiny_base_model), "--quick"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "memory bandwidth" in result.stdout and "serve:" in result.stdout, result.stdout
+    assert "identical to alone: yes" in result.stdout, result.stdout
