@@ -1,6 +1,6 @@
 """Benchmark: the default job with reprolora under each profile against the HF Trainer + peft doing the same job.
 
-    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--base-model DIR] [--quick]
+    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--profiles native,...] [--base-model DIR] [--quick]
 
 Same base model, same tokenized examples, same number of steps, batch size, learning rate and schedule; the
 Trainer runs with its defaults (no determinism pins, padded batches of 4). Every run is a fresh process; the
@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from reprolora.pins import PROFILES
 
 PROFILE_STEPS = 2
 CEILING_SAMPLE = 12  # examples whose shapes the ceiling times, evenly spread over the job's lengths
@@ -271,32 +273,51 @@ def run_child(kind: str, **args: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def print_report(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
+COLUMNS = (f"{'run':<14} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% ceiling':>10} "
+           f"{'peak RSS MB':>12} {'steps':>6} {'x Trainer':>10} {'x native':>9}")
+
+
+def row_line(name: str, r: dict, flops: float, ceiling: float, trainer: dict | None, native: dict | None) -> str:
+    gflops = flops / r["train_s"] / 1e9
+
+    def ratio(other: dict | None) -> str:
+        return f"{r['train_s'] / other['train_s']:.2f}" if other else "-"
+
+    return (f"{name:<14} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} "
+            f"{gflops:8.1f} {gflops / ceiling:10.1%} {r['peak_rss_mb']:12.0f} {r['steps']:6d} "
+            f"{ratio(trainer):>10} {ratio(native):>9}")
+
+
+def print_analysis(analysis: dict[str, Any]) -> None:
+    """The job's FLOPs, the ceiling and the profile: printed before the long runs start."""
     flops = sum(analysis["flops"].values())
-    ceiling = analysis["ceiling_gflops"]
-    best = {name: min(results, key=lambda r: r["train_s"]) for name, results in rows.items()}
     print(f"model FLOPs of the job: {flops / 1e12:.3f} TFLOP ("
           + ", ".join(f"{kind} {value / flops:.1%}" for kind, value in sorted(analysis["flops"].items(),
                                                                               key=lambda kv: -kv[1])) + ")")
     print(f"fp32 matmul ceiling at the job's shapes (native pins, {analysis['ceiling_sample']} examples' products, "
-          f"best of {CEILING_RUNS}): {ceiling:.1f} GFLOP/s")
-    print()
-    print(f"{'run':<14} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% ceiling':>10} "
-          f"{'peak RSS MB':>12} {'steps':>6} {'x Trainer':>10} {'x native':>9}")
-    for name, r in best.items():
-        gflops = flops / r["train_s"] / 1e9
-        print(f"{name:<14} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} "
-              f"{gflops:8.1f} {gflops / ceiling:10.1%} {r['peak_rss_mb']:12.0f} {r['steps']:6d} "
-              f"{r['train_s'] / best['trainer']['train_s']:10.2f} {r['train_s'] / best['native']['train_s']:9.2f}")
-    print()
-    print(f"native / Trainer training time {best['native']['train_s'] / best['trainer']['train_s']:.2f} (target <= 0.6); "
-          f"native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling (target >= 60%)")
+          f"best of {CEILING_RUNS}): {analysis['ceiling_gflops']:.1f} GFLOP/s")
     print()
     print(f"where native's time goes: torch.profiler, {analysis['profile_steps']} training steps, "
           f"{analysis['profile_total_s']:.2f} s of self CPU time; top ops by self CPU time")
     print(f"{'op':<52} {'self s':>8} {'share':>7} {'calls':>7}")
     for op in analysis["profile"][:15]:
         print(f"{op['op'][:52]:<52} {op['self_s']:8.3f} {op['share']:7.1%} {op['calls']:7d}")
+    print(flush=True)
+
+
+def print_rows(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
+    """Each run's best round by training time, and the targets."""
+    flops = sum(analysis["flops"].values())
+    ceiling = analysis["ceiling_gflops"]
+    best = {name: min(results, key=lambda r: r["train_s"]) for name, results in rows.items()}
+    print(COLUMNS)
+    for name, r in best.items():
+        print(row_line(name, r, flops, ceiling, best.get("trainer"), best.get("native")))
+    print()
+    if "trainer" in best and "native" in best:
+        print(f"native / Trainer training time {best['native']['train_s'] / best['trainer']['train_s']:.2f} "
+              f"(target <= 0.6); native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling "
+              f"(target >= 60%)")
 
 
 def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
@@ -319,22 +340,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--base-model", default="", help="default: the built-in model, prepared into the cache")
     parser.add_argument("--quick", action="store_true", help="the tiny model, 2 steps, one round: checks it runs")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="reprolora rows, comma-separated (default: all)")
     args = parser.parse_args()
     max_steps = 2 if args.quick else 0
-    from reprolora.pins import PROFILES
+    profiles = args.profiles.split(",")
 
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         base = prepare_base(args, scratch)
         common = {"base": base, "threads": args.threads, "max_steps": max_steps}
         analysis = run_child("analysis", **common, ceiling_runs=1 if args.quick else CEILING_RUNS)
-        rows: dict[str, list[dict]] = {"trainer": [], **{profile: [] for profile in PROFILES}}
+        print_analysis(analysis)
+        flops = sum(analysis["flops"].values())
+        rows: dict[str, list[dict]] = {"trainer": [], **{profile: [] for profile in profiles}}
+        print(f"each run as it ends (ceiling {analysis['ceiling_gflops']:.1f} GFLOP/s):\n{COLUMNS}", file=sys.stderr)
         for repeat in range(1 if args.quick else args.repeats):
-            rows["trainer"].append(run_child("trainer", **common, out=str(scratch / f"trainer{repeat}")))
-            for profile in PROFILES:
-                rows[profile].append(run_child("reprolora", **common, profile=profile,
-                                               out=str(scratch / f"{profile}{repeat}")))
-    print_report(rows, analysis)
+            for name in rows:
+                if name == "trainer":
+                    r = run_child("trainer", **common, out=str(scratch / f"trainer{repeat}"))
+                else:
+                    r = run_child("reprolora", **common, profile=name, out=str(scratch / f"{name}{repeat}"))
+                rows[name].append(r)
+                # A long run on a shared machine may be cut short: what has ended is already printed.
+                print(row_line(name, r, flops, analysis["ceiling_gflops"], (rows["trainer"] or [None])[-1],
+                               (rows.get("native") or [None])[-1]), file=sys.stderr, flush=True)
+    print_rows(rows, analysis)
 
 
 if __name__ == "__main__":
