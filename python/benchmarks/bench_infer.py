@@ -68,7 +68,9 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
         inputs = plain_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                      return_tensors="pt", return_dict=True)
         with torch.inference_mode():
-            output = plain.generate(**inputs, max_new_tokens=n, do_sample=False,
+            # Only the ids and mask: older tokenizers also return token_type_ids, which generate refuses.
+            output = plain.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    max_new_tokens=n, do_sample=False,
                                     pad_token_id=plain_tokenizer.pad_token_id or plain_tokenizer.eos_token_id)
         return output[0, inputs["input_ids"].shape[1]:].tolist()
 
