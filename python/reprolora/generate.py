@@ -280,15 +280,17 @@ class Engine:
         positions = torch.arange(n)
         x = self._embed(torch.tensor(sequence.prompt_ids, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
+        # [query, key]: a key at or before its query, and within the window; one mask per window size
+        allowed = {window: (positions.unsqueeze(0) <= positions.unsqueeze(1))
+                   & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
+                   for window in set(self.windows) if window is not None}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(sequence, index, k, v, 0)
             window = self.windows[index]
             if window is None:
                 return self._attention(index, q, k.transpose(0, 1), v.transpose(0, 1), None, causal=True)
-            # [query, key]: a key at or before its query, and within the window
-            allowed = (positions.unsqueeze(0) <= positions.unsqueeze(1)) & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
-            return self._attention(index, q, k.transpose(0, 1), v.transpose(0, 1), allowed)
+            return self._attention(index, q, k.transpose(0, 1), v.transpose(0, 1), allowed[window])
 
         for index in range(len(self.layers)):
             x = self._layer(index, x, attend, cos, sin)
@@ -322,6 +324,12 @@ class Engine:
         return self._logits(x)
 
 
+def request_ids(tokenizer: Any, prompt: str | Messages) -> list[int]:
+    """The token ids decoding starts from: `prompt` as one user message, or a conversation, rendered."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return prompt_ids(tokenizer, messages)
+
+
 def engine_for(model: Any, tokenizer: Any) -> Engine:
     """The model's engine, made once and kept on the model (its rotary table grows as positions are needed)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -339,9 +347,8 @@ def greedy(model: Any, tokenizer: Any, prompt: str | Messages, max_new_tokens: i
 
     `on_token` sees the generated ids after each new token (streaming); it does not change what is decoded.
     """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     engine = engine_for(model, tokenizer)
-    sequence = engine.start(prompt_ids(tokenizer, messages), max_new_tokens, stop, on_token)
+    sequence = engine.start(request_ids(tokenizer, prompt), max_new_tokens, stop, on_token)
     while not sequence.done:
         engine.step([sequence])
     return sequence.completion()

@@ -106,10 +106,9 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
 
 def prompt_tokens(model: Model, prompt: str | list[dict[str, str]]) -> int:
     """How many tokens `prompt` (one user message, or a conversation) takes once rendered, as decoding sees it."""
-    from reprolora.dataset import prompt_ids
+    from reprolora.generate import request_ids
 
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return len(prompt_ids(model.tokenizer, messages))
+    return len(request_ids(model.tokenizer, prompt))
 
 
 def complete(model: Model, prompt: str | list[dict[str, str]], max_new_tokens: int, stop: list[str] | None = None,

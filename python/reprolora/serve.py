@@ -311,7 +311,6 @@ class Decoder:
         self.engine = generate.engine_for(model.causal_lm, model.tokenizer)
         self.slots = generate.SLOTS
         self.submitted: queue.Queue[Job | None] = queue.Queue()
-        self.served = 0
         self.thread = threading.Thread(target=self._run, name="reprolora-decode", daemon=True)
         self.thread.start()
 
@@ -326,13 +325,12 @@ class Decoder:
 
     def _admit(self, job: Job) -> Any:
         """The job's sequence with its prompt run and first token chosen, or None when the job has ended already."""
-        from reprolora.dataset import prompt_ids
+        from reprolora.generate import request_ids
 
         self.metrics.queue(-1)
         request = job.request
         try:
-            messages = [{"role": "user", "content": request.prompt}] if isinstance(request.prompt, str) else request.prompt
-            ids = prompt_ids(self.model.tokenizer, messages)
+            ids = request_ids(self.model.tokenizer, request.prompt)
             job.prompt_tokens = len(ids)
             if len(ids) > self.limits.max_prompt_tokens:
                 raise RequestError(400, f"prompt is {len(ids)} tokens; this server allows at most {self.limits.max_prompt_tokens}")
@@ -350,7 +348,6 @@ class Decoder:
 
     def _complete(self, job: Job, sequence: Any) -> None:
         completion = sequence.completion()
-        self.served += 1
         self.metrics.add_tokens(job.prompt_tokens, len(completion.token_ids))
         job.finish(completion)
 
