@@ -78,3 +78,40 @@ def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp
                 "-o", str(out))
         adapters[threads] = [(out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")]
     assert adapters[1] == adapters[2]
+
+
+DECODER_LORA = textwrap.dedent("""
+    import hashlib, sys
+    from reprolora import pins
+    pins.apply(sys.argv[2], int(sys.argv[1]))
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from reprolora import generate
+    def rand(*shape, seed):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    digest = hashlib.sha256()
+    # The default model's q_proj with LoRA at r = 16 and r = 4: measured, MKL's x A^T gives other bits at 1 and 2
+    # threads at 4-15 rows (r = 16) and 2-3 rows (r = 4) on this project's AMD EPYC.
+    for r in (4, 16):
+        holder = torch.nn.Module()
+        holder.q_proj = torch.nn.Linear(576, 576)
+        layer = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"]), holder).q_proj.eval()
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(rand(576, 576, seed=3) * 0.04)
+            layer.base_layer.bias.copy_(rand(576, seed=4) * 0.01)
+            layer.lora_A["default"].weight.copy_(rand(r, 576, seed=1) * 0.05)
+            layer.lora_B["default"].weight.copy_(rand(576, r, seed=2) * 0.05)
+        x = rand(157, 576, seed=0)
+        with torch.inference_mode():
+            for rows in (*range(1, generate.SLOTS + 1), 40, 100, 157):  # decoding steps, and prompts
+                digest.update(generate.linear(layer, x[:rows]).numpy().tobytes())
+    print(digest.hexdigest())
+""")
+
+
+@pytest.mark.parametrize("profile", THREAD_INVARIANT)
+def test_the_decoders_lora_layers_do_not_change_with_the_thread_count(profile):
+    by_threads = {threads: subprocess.run([sys.executable, "-c", DECODER_LORA, str(threads), profile],
+                                          capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+                  for threads in (1, 2, 4)}
+    assert len(set(by_threads.values())) == 1, by_threads

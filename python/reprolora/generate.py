@@ -5,14 +5,19 @@ Why the answers do not depend on the load:
 - every decoding step runs SLOTS rows (idle slots padded), so each matrix product has the same shape whether one
   request is decoding or SLOTS are: a BLAS picks its kernel (and so its rounding) by shape, and a row of a product
   does not depend on the values in the other rows;
+- a LoRA layer's down-projection (x times A, r outputs) is a multiply and a sum over the input features, not a BLAS
+  product: at a few rows and r outputs, MKL splits the sum between threads (measured: r = 16 at 4-15 rows, r = 4
+  at 2-3 rows), so its bits would follow the thread count; ATen's sum adds each output's terms in one fixed order
+  on one thread, whatever the thread count and the number of rows;
 - a request's prompt is run alone (prefill): its shapes depend on that request only;
 - attention is per request: its query against its own key/value cache, so no other request's data (nor its length,
   nor padding) enters its arithmetic;
 - rotary tables are computed in fixed chunks of positions, so a position's angle never depends on the total length.
 
 The model forward is written out over the Hugging Face modules of the model (embedding, norms, projections, MLP,
-output head), called as they are: a PEFT LoRA layer adds its lora_B(lora_A(x)) * scaling, a merged model holds the
-merged weights. The output head runs on the last position only. Families: llama, mistral, qwen2, gpt2, gpt_neox.
+output head), called as they are, except a PEFT LoRA layer: its base layer plus lora_B(x A^T) * scaling, as PEFT
+computes it but for the down-projection above; a merged model holds the merged weights. The output head runs on
+the last position only. Families: llama, mistral, qwen2, gpt2, gpt_neox.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from reprolora.dataset import Messages, prompt_ids
 from reprolora.errors import ReproloraError
 
-SLOTS = 16  # rows of every decoding step (at 4-15 rows, MKL's 576 -> 16 LoRA product varies with the thread count)
+SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
+LORA_ROWS = 64  # rows per multiply-and-sum of a LoRA down-projection: bounds its [rows, r, in] temporary
 BLOCK = 64  # positions per key/value cache block: caches grow by whole blocks, never copied per token
 ROTARY_CHUNK = 64  # positions per rotary table chunk
 
@@ -202,13 +208,13 @@ class Engine:
         n, d = h.shape[0], self.head_dim
         if self.family == "gpt2":
             attn = layer.attn
-            q, k, v = attn.c_attn(h).split(self.heads * d, dim=-1)
+            q, k, v = linear(attn.c_attn, h).split(self.heads * d, dim=-1)
         elif self.family == "gpt_neox":
             attn = layer.attention
-            q, k, v = attn.query_key_value(h).view(n, self.heads, 3 * d).chunk(3, dim=-1)
+            q, k, v = linear(attn.query_key_value, h).view(n, self.heads, 3 * d).chunk(3, dim=-1)
         else:
             attn = layer.self_attn
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = linear(attn.q_proj, h), linear(attn.k_proj, h), linear(attn.v_proj, h)
         return q.reshape(n, self.heads, d), k.reshape(n, self.kv_heads, d), v.reshape(n, self.kv_heads, d), attn
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -230,16 +236,24 @@ class Engine:
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         out = attend(index, q, k, v).reshape(x.shape[0], self.heads * self.head_dim)
         if self.family == "gpt2":
-            x = x + attn.c_proj(out)
-            return x + layer.mlp(layer.ln_2(x))
+            x = x + linear(attn.c_proj, out)
+            return x + self._mlp(layer.mlp, layer.ln_2(x))
         if self.family == "gpt_neox":
-            attn_out = attn.dense(out)
+            attn_out = linear(attn.dense, out)
             if layer.use_parallel_residual:
-                return layer.mlp(layer.post_attention_layernorm(x)) + attn_out + x
+                return self._mlp(layer.mlp, layer.post_attention_layernorm(x)) + attn_out + x
             x = attn_out + x
-            return layer.mlp(layer.post_attention_layernorm(x)) + x
-        x = x + attn.o_proj(out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+            return self._mlp(layer.mlp, layer.post_attention_layernorm(x)) + x
+        x = x + linear(attn.o_proj, out)
+        return x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """The family's MLP, as transformers writes it (GPT-2's dropout: none at inference), its layers via linear."""
+        if self.family == "gpt2":
+            return linear(mlp.c_proj, mlp.act(linear(mlp.c_fc, x)))
+        if self.family == "gpt_neox":
+            return linear(mlp.dense_4h_to_h, mlp.act(linear(mlp.dense_h_to_4h, x)))
+        return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
     def _attention(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                    allowed: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
@@ -249,11 +263,10 @@ class Engine:
         count, where a matmul + softmax written out here did not (1 against 2 threads, default model, native pins).
         `allowed` [n, L] marks the keys each query may see; `causal` says the usual causal mask instead.
         """
-        group = self.heads // self.kv_heads
-        if group > 1:  # each key/value head serves `group` consecutive query heads, as transformers' repeat_kv
-            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+        # enable_gqa: each key/value head serves `group` consecutive query heads, as transformers' repeat_kv
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed,
-                                                               is_causal=causal, scale=self.scalings[index])
+                                                               is_causal=causal, scale=self.scalings[index],
+                                                               enable_gqa=self.heads != self.kv_heads)
         return out.transpose(0, 1)
 
     def _store(self, sequence: Sequence, index: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
@@ -272,7 +285,7 @@ class Engine:
         sequence.values[index][:, at:end] = v.transpose(0, 1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(x)).float()
+        return linear(self.head, self.final_norm(x)).float()
 
     def _prefill(self, sequence: Sequence) -> torch.Tensor:
         """The prompt alone through the model; its caches filled; the last position's logits [1, vocab]."""
@@ -322,6 +335,25 @@ class Engine:
         for sequence in sequences:
             sequence.length += 1
         return self._logits(x)
+
+
+def linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """module(x); for a PEFT LoRA layer, its base layer plus lora_B(x A^T) * scaling with x A^T summed by ATen
+    (module docstring: the same bits at any thread count and row count)."""
+    lora_A = getattr(module, "lora_A", None)
+    if lora_A is None or module.disable_adapters or module.merged:
+        return module(x)
+    result = module.base_layer(x)
+    for name in module.active_adapters:
+        if name not in lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+            raise ReproloraError(f"the decoder runs plain LoRA layers, not DoRA or other variants ({name!r})")
+        weight = lora_A[name].weight  # [r, in]
+        x_in = module.lora_dropout[name](x.to(weight.dtype))
+        down = torch.cat([(rows.unsqueeze(1) * weight).sum(-1) for rows in x_in.split(LORA_ROWS)])
+        result = result + module.lora_B[name](down) * module.scaling[name]
+    return result
 
 
 def request_ids(tokenizer: Any, prompt: str | Messages) -> list[int]:
