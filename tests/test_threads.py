@@ -3,6 +3,7 @@
 profiles the default model's matrix products (MKL in its strict mode) do too, and so does a whole training job.
 `portable`'s do not (README, "Threads")."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -69,18 +70,23 @@ def test_matrix_products_do_not_change_with_the_thread_count(profile):
 def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp_path, tiny_base_model, tiny_dataset):
     import tiny
 
-    adapters = {}
+    adapters, probes = {}, {}
     for threads in (1, 2):
         config = tmp_path / f"{threads}.toml"
-        config.write_text(f'profile = "{profile}"\n' + tiny.CONFIG.replace("threads = 2\n", f"threads = {threads}\n"))
+        # r = 16: at a decoding step's rows MKL's x A^T product of that rank splits between threads (AMD EPYC), so
+        # the golden probes, decoded at the job's thread count, check the decoder's way round it too.
+        job = tiny.CONFIG.replace("threads = 2\n", f"threads = {threads}\n").replace("r = 4\nalpha = 8\n", "r = 16\nalpha = 32\n")
+        config.write_text(f'profile = "{profile}"\n' + job)
         out = tmp_path / f"threads-{threads}"
         run_cli("train", "-q", "-c", str(config), "--base-model", str(tiny_base_model), "--dataset", str(tiny_dataset),
                 "-o", str(out))
         adapters[threads] = [(out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")]
+        probes[threads] = json.loads((out / "manifest.json").read_text())["probes"]
     assert adapters[1] == adapters[2]
+    assert probes[1] == probes[2]
 
 
-DECODER_LORA = textwrap.dedent("""
+DECODER_PRODUCTS = textwrap.dedent("""
     import hashlib, sys
     from reprolora import pins
     pins.apply(sys.argv[2], int(sys.argv[1]))
@@ -90,28 +96,30 @@ DECODER_LORA = textwrap.dedent("""
     def rand(*shape, seed):
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     digest = hashlib.sha256()
-    # The default model's q_proj with LoRA at r = 16 and r = 4: measured, MKL's x A^T gives other bits at 1 and 2
-    # threads at 4-15 rows (r = 16) and 2-3 rows (r = 4) on this project's AMD EPYC.
-    for r in (4, 16):
+    # Measured on this project's AMD EPYC: MKL's x W^T gives other bits at 1, 2 and 4 threads for 12-32 outputs at
+    # 8 rows (and 20-32 at 16), and at r = 16 (4-15 rows) and r = 4 (2-3 rows): the default model's q_proj with LoRA
+    # at r = 16 and r = 4, and a narrow projection (a key/value projection of 16 outputs, as the tiny model's).
+    for width, r in ((576, 4), (576, 16), (16, 4)):
         holder = torch.nn.Module()
-        holder.q_proj = torch.nn.Linear(576, 576)
+        holder.q_proj = torch.nn.Linear(576, width)
         layer = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"]), holder).q_proj.eval()
         with torch.no_grad():
-            layer.base_layer.weight.copy_(rand(576, 576, seed=3) * 0.04)
-            layer.base_layer.bias.copy_(rand(576, seed=4) * 0.01)
+            layer.base_layer.weight.copy_(rand(width, 576, seed=3) * 0.04)
+            layer.base_layer.bias.copy_(rand(width, seed=4) * 0.01)
             layer.lora_A["default"].weight.copy_(rand(r, 576, seed=1) * 0.05)
-            layer.lora_B["default"].weight.copy_(rand(576, r, seed=2) * 0.05)
+            layer.lora_B["default"].weight.copy_(rand(width, r, seed=2) * 0.05)
         x = rand(157, 576, seed=0)
         with torch.inference_mode():
-            for rows in (*range(1, generate.SLOTS + 1), 40, 100, 157):  # decoding steps, and prompts
+            for rows in (*range(1, generate.SLOTS + 1), 16, 40, 100, 157):  # decoding steps, and prompts
                 digest.update(generate.linear(layer, x[:rows]).numpy().tobytes())
+                digest.update(generate.linear(layer.base_layer, x[:rows]).numpy().tobytes())
     print(digest.hexdigest())
 """)
 
 
 @pytest.mark.parametrize("profile", THREAD_INVARIANT)
-def test_the_decoders_lora_layers_do_not_change_with_the_thread_count(profile):
-    by_threads = {threads: subprocess.run([sys.executable, "-c", DECODER_LORA, str(threads), profile],
+def test_the_decoders_linear_layers_do_not_change_with_the_thread_count(profile):
+    by_threads = {threads: subprocess.run([sys.executable, "-c", DECODER_PRODUCTS, str(threads), profile],
                                           capture_output=True, text=True, check=True, timeout=300).stdout.strip()
                   for threads in (1, 2, 4)}
     assert len(set(by_threads.values())) == 1, by_threads

@@ -5,19 +5,20 @@ Why the answers do not depend on the load:
 - every decoding step runs SLOTS rows (idle slots padded), so each matrix product has the same shape whether one
   request is decoding or SLOTS are: a BLAS picks its kernel (and so its rounding) by shape, and a row of a product
   does not depend on the values in the other rows;
-- a LoRA layer's down-projection (x times A, r outputs) is a multiply and a sum over the input features, not a BLAS
-  product: at a few rows and r outputs, MKL splits the sum between threads (measured: r = 16 at 4-15 rows, r = 4
-  at 2-3 rows), so its bits would follow the thread count; ATen's sum adds each output's terms in one fixed order
-  on one thread, whatever the thread count and the number of rows;
+- a product with few outputs (at most NARROW: a LoRA layer's down-projection x A^T, r outputs, or a narrow
+  projection) is a multiply and a sum over the input features, not a BLAS product: at a few rows and few outputs
+  MKL splits the sum between threads (measured on the AMD EPYC: 12-32 outputs at 8 rows, 20-32 at 16, with 2 or
+  4 threads), so its bits would follow the thread count; ATen's sum adds each output's terms in one fixed order on
+  one thread, whatever the thread count and the number of rows;
 - a request's prompt is run alone (prefill): its shapes depend on that request only;
 - attention is per request: its query against its own key/value cache, so no other request's data (nor its length,
   nor padding) enters its arithmetic;
 - rotary tables are computed in fixed chunks of positions, so a position's angle never depends on the total length.
 
 The model forward is written out over the Hugging Face modules of the model (embedding, norms, projections, MLP,
-output head), called as they are, except a PEFT LoRA layer: its base layer plus lora_B(x A^T) * scaling, as PEFT
-computes it but for the down-projection above; a merged model holds the merged weights. The output head runs on
-the last position only. Families: llama, mistral, qwen2, gpt2, gpt_neox.
+output head), called as they are, except the linear layers (`linear`): a PEFT LoRA layer is its base layer plus
+lora_B(x A^T) * scaling, as PEFT computes it, with narrow products summed as above; a merged model holds the merged
+weights. The output head runs on the last position only. Families: llama, mistral, qwen2, gpt2, gpt_neox.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from reprolora.dataset import Messages, prompt_ids
 from reprolora.errors import ReproloraError
 
 SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
-LORA_ROWS = 64  # rows per multiply-and-sum of a LoRA down-projection: bounds its [rows, r, in] temporary
+NARROW = 64  # products with at most this many outputs are summed by ATen (module docstring)
+SUM_ROWS = 64  # rows per multiply-and-sum: bounds its [rows, outputs, in] temporary
 BLOCK = 64  # positions per key/value cache block: caches grow by whole blocks, never copied per token
 ROTARY_CHUNK = 64  # positions per rotary table chunk
 
@@ -259,15 +261,17 @@ class Engine:
                    allowed: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
         """softmax(q k^T * scale) v for one request: q [n, heads, d], keys/values [kv_heads, L, d] -> [n, heads, d].
 
-        torch's scaled_dot_product_attention, as training runs it: its CPU kernel gives the same bits at any thread
-        count, where a matmul + softmax written out here did not (1 against 2 threads, default model, native pins).
+        torch's scaled_dot_product_attention on a batch of one, as training runs it: 4-D inputs take its fused CPU
+        (flash) kernel, which gives the same bits at any thread count, where a matmul + softmax written out here did
+        not (1 against 2 threads, default model, native pins); 3-D inputs would take its slower math path.
         `allowed` [n, L] marks the keys each query may see; `causal` says the usual causal mask instead.
         """
-        # enable_gqa: each key/value head serves `group` consecutive query heads, as transformers' repeat_kv
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed,
-                                                               is_causal=causal, scale=self.scalings[index],
+        # enable_gqa: each key/value head serves consecutive query heads, as transformers' repeat_kv
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                                               attn_mask=allowed, is_causal=causal,
+                                                               scale=self.scalings[index],
                                                                enable_gqa=self.heads != self.kv_heads)
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
 
     def _store(self, sequence: Sequence, index: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
         """Write k, v [n, kv_heads, d] at positions at.. of the sequence's cache, growing it by whole blocks."""
@@ -337,23 +341,38 @@ class Engine:
         return self._logits(x)
 
 
+def summed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T for a narrow W [out, in] as a multiply and an ATen sum over the input features, SUM_ROWS rows at a time:
+    each output's terms are added in one order on one thread, whatever the thread count and the number of rows."""
+    return torch.cat([(rows.unsqueeze(1) * weight).sum(-1) for rows in x.split(SUM_ROWS)])
+
+
 def linear(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """module(x); for a PEFT LoRA layer, its base layer plus lora_B(x A^T) * scaling with x A^T summed by ATen
-    (module docstring: the same bits at any thread count and row count)."""
+    """module(x) for a linear layer (nn.Linear, GPT-2's Conv1D, or a PEFT LoRA layer over one), with every product
+    of at most NARROW outputs (a LoRA down-projection x A^T among them) computed by `summed`, not by the BLAS."""
     lora_A = getattr(module, "lora_A", None)
-    if lora_A is None or module.disable_adapters or module.merged:
+    if lora_A is not None:
+        result = linear(module.base_layer, x)  # a merged layer's base holds the merged weights
+        if module.disable_adapters or module.merged:
+            return result
+        for name in module.active_adapters:
+            if name not in lora_A:
+                continue
+            if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
+                raise ReproloraError(f"the decoder runs plain LoRA layers, not DoRA or other variants ({name!r})")
+            x_in = module.lora_dropout[name](x.to(lora_A[name].weight.dtype))
+            result = result + linear(module.lora_B[name], linear(lora_A[name], x_in)) * module.scaling[name]
+        return result
+    if isinstance(module, torch.nn.Linear):
+        weight = module.weight
+    elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+        weight = module.weight.t()
+    else:
         return module(x)
-    result = module.base_layer(x)
-    for name in module.active_adapters:
-        if name not in lora_A:
-            continue
-        if name in getattr(module, "lora_variant", {}) or module.use_dora.get(name, False):
-            raise ReproloraError(f"the decoder runs plain LoRA layers, not DoRA or other variants ({name!r})")
-        weight = lora_A[name].weight  # [r, in]
-        x_in = module.lora_dropout[name](x.to(weight.dtype))
-        down = torch.cat([(rows.unsqueeze(1) * weight).sum(-1) for rows in x_in.split(LORA_ROWS)])
-        result = result + module.lora_B[name](down) * module.scaling[name]
-    return result
+    if weight.shape[0] > NARROW:
+        return module(x)
+    out = summed(x, weight)
+    return out if module.bias is None else out + module.bias
 
 
 def request_ids(tokenizer: Any, prompt: str | Messages) -> list[int]:
