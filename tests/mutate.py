@@ -119,6 +119,9 @@ MUTANTS = [
     Mutant("decoder-narrow-products-by-blas",
            [Edit("python/reprolora/generate.py", "    if weight.shape[0] > NARROW:", "    if True:")],
            ["tests/test_threads.py::test_the_decoders_linear_layers_do_not_change_with_the_thread_count[native]"]),
+    Mutant("decoder-narrow-product-drops-bias",
+           [Edit("python/reprolora/generate.py", "    return out if module.bias is None else out + module.bias", "    return out")],
+           ["tests/test_decode.py::test_logits_and_tokens_are_hfs[qwen2]"]),
     # Gap 3: infer under the adapter's own profile.
     Mutant("infer-applies-native-whatever-the-adapter",
            [Edit("python/reprolora/infer.py", "    pins.apply(recorded.pins.profile, recorded.pins.threads)",

@@ -25,7 +25,8 @@ PROMPTS = ["Why pin seeds?", "Why check hashes of every file in the folder?", "H
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny model of a family with a LoRA adapter on every linear layer, its lora_B random (so it adds something)."""
+    """A tiny model of a family with a LoRA adapter on every linear layer, its lora_B random (so it adds something)
+    and its linear biases random (initialised to zero, they would hide a product that drops them)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,7 +45,8 @@ def family_models(tmp_path_factory: pytest.TempPathFactory):
             model = get_peft_model(base, config).eval()
             with torch.no_grad():
                 for name, parameter in model.named_parameters():
-                    if "lora_B" in name:
+                    if "lora_B" in name or (name.endswith(".bias") and parameter.dim() == 1 and "norm" not in name
+                                            and "ln_" not in name):
                         parameter.normal_(0, 0.2)
             made[family] = (model, tokenizer)
         return made[family]
