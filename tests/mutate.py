@@ -112,8 +112,18 @@ MUTANTS = [
            ["tests/test_infer.py::test_answer_json_and_check"]),
     # Issue 10, part 4: an answer must not depend on what else is decoded with it.
     Mutant("decode-rows-follow-the-load",
-           [Edit("python/reprolora/generate.py", "        rows = SLOTS  # whatever the load", "        rows = busy  # whatever the load")],
+           [Edit("python/reprolora/generate.py", "        padding = SLOTS - len(rows)  # whatever the load", "        padding = 0  # whatever the load")],
            ["tests/test_decode.py::test_an_answer_does_not_depend_on_the_others[3-llama]"]),
+    # Guesses in idle rows: a guess is kept only where it is the token the previous row chose.
+    Mutant("decode-keeps-every-guess",
+           [Edit("python/reprolora/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],
+           ["tests/test_decode.py::test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps[llama]"]),
+    Mutant("decode-cache-advances-one-position-a-step",
+           [Edit("python/reprolora/generate.py", "                sequence.length += 1\n                if sequence.done",
+                 "                if sequence.done"),
+            Edit("python/reprolora/generate.py", "            row += len(guessed) + 1",
+                 "            sequence.length += 1\n            row += len(guessed) + 1")],
+           ["tests/test_decode.py::test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps[llama]"]),
     # At a few rows MKL's products with few outputs (a LoRA A, r = 16; a 16-wide projection) give other bits at 1
     # and 2 threads (AMD EPYC): the decoder sums them with ATen.
     Mutant("decoder-narrow-products-by-blas",

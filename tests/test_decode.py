@@ -4,6 +4,7 @@ else is decoded with them, in process and through a running `reprolora serve`.""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -72,8 +73,8 @@ def test_logits_and_tokens_are_hfs(family_models, family: str) -> None:
         logits.append(engine._prefill(sequence)[0])
         tokens = [int(torch.argmax(logits[-1]))]
         while len(tokens) < new:
-            sequence.generated = tokens
-            logits.append(engine._decode([sequence])[0])
+            logits.append(engine._decode([(sequence, tokens[-1], sequence.length)])[0])
+            sequence.length += 1
             tokens.append(int(torch.argmax(logits[-1])))
         hf = inner(input_ids=torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
         generated = inner.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -83,6 +84,45 @@ def test_logits_and_tokens_are_hfs(family_models, family: str) -> None:
     difference = float((torch.stack(logits) - hf).abs().max())
     assert difference < 1e-5, f"{family}: logits differ from HF's by {difference}"
     assert tokens == generated
+
+
+def decode_alone(engine: generate.Engine, ids: list[int], new: int, stop: list[str] | None = None) -> generate.Completion:
+    sequence = engine.start(ids, new, stop)
+    while not sequence.done:
+        engine.step([sequence])
+    return sequence.completion()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps(family_models, family: str, monkeypatch) -> None:
+    model, tokenizer = family_models(family)
+    ids = ids_of(tokenizer, PROMPTS[4] + " " + PROMPTS[7])  # its answer crosses a cache block and Mistral's window
+    one_a_step = generate.Engine(model, tokenizer, guess=False)
+    want = decode_alone(one_a_step, ids, 40)
+    assert want.finish_reason == "length" and len(want.token_ids) == 40 and one_a_step.steps == 39
+    looked_up = generate.Engine(model, tokenizer)
+    assert decode_alone(looked_up, ids, 40) == want
+    assert looked_up.accepted > 0 and looked_up.steps < one_a_step.steps
+    # Guesses drawn at random from the answer so far and the prompt's last 3 tokens: right ones and wrong ones.
+    monkeypatch.setattr(generate, "lookup",
+                        lambda tokens, limit: random.Random(len(tokens)).choices(tokens[len(ids) - 3:], k=limit))
+    guessing = generate.Engine(model, tokenizer)
+    assert decode_alone(guessing, ids, 40) == want
+    assert 0 < guessing.accepted < guessing.guessed
+    # A stop string met among a step's accepted guesses ends the answer where one token a step ends it.
+    stop = tokenizer.decode(want.token_ids[20:22], skip_special_tokens=True)
+    stopped = decode_alone(one_a_step, ids, 40, [stop])
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 40
+    for engine in (looked_up, guessing):
+        assert decode_alone(engine, ids, 40, [stop]) == stopped
+
+
+def test_lookup_guesses_what_followed_the_latest_match() -> None:
+    assert generate.lookup([5, 1, 2, 3, 9, 1, 2, 3, 4, 7, 1, 2, 3], 3) == [4, 7, 1]  # the latest of two matches
+    assert generate.lookup([1, 2, 3, 8, 2, 3], 5) == [8, 2, 3, 8, 2]  # no 3-token match: the 2-token one, repeated
+    assert generate.lookup([6, 4, 4], 3) == [4, 4, 4]
+    assert generate.lookup([4, 5, 6], 2) == []
+    assert generate.lookup([1, 2, 1, 2], 0) == []
 
 
 def run_staggered(engine: generate.Engine, requests: list[tuple[int, list[int], int]]) -> list[generate.Completion]:

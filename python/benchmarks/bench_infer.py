@@ -3,11 +3,12 @@ and `serve` under load.
 
 Part 1, in this process: the adapter is loaded twice, once by reprolora.infer (hash checks, pins, PeftModel) and
 once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
-greedily, in `--repeats` back-to-back pairs (each path first in turn). Both run under the adapter's determinism
-pins, which this process applies before torch loads, so the comparison is between the two decoding paths.
-Reported: tokens/s over a full answer (tokenizing the prompt included), first-token latency (a run with one new
-token: prompt in, first token out), and the median over pairs of plain generate's time / reprolora's time
-(the speed-up; target >= 2).
+greedily, in `--repeats` back-to-back rounds (each path first in turn), as does reprolora's engine with its idle
+rows left empty (no guesses: one token a step). All run under the adapter's determinism pins, which this process
+applies before torch loads, so the comparison is between the decoding paths. Reported: tokens/s over a full answer
+(tokenizing the prompt included), first-token latency (a run with one new token: prompt in, first token out), the
+median over rounds of plain generate's time / reprolora's time (the speed-up; target >= 2), and how many tokens
+a decoding step gave and how many guesses were right.
 
 Part 2, the bound: the memory bandwidth measured here (best of summing a large tensor), the weight bytes one
 decoding step reads, and what they allow: bandwidth / bytes = tokens/s at best for one request; and how much of it
@@ -74,19 +75,30 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
                                     pad_token_id=plain_tokenizer.pad_token_id or plain_tokenizer.eos_token_id)
         return output[0, inputs["input_ids"].shape[1]:].tolist()
 
+    from reprolora import generate
+
+    engine = generate.engine_for(model.causal_lm, model.tokenizer)
+    one_a_step = generate.Engine(model.causal_lm, model.tokenizer, guess=False)
+
     def ours(n: int) -> list[int]:
         return infer.complete(model, prompt, n).token_ids
+
+    def ours_one_a_step(n: int) -> list[int]:  # the same engine without guesses in its idle rows
+        sequence = one_a_step.start(generate.request_ids(model.tokenizer, prompt), n)
+        while not sequence.done:
+            one_a_step.step([sequence])
+        return sequence.generated
 
     def timed(fn: Any, n: int) -> tuple[float, list[int]]:
         tick = time.perf_counter()
         ids = fn(n)
         return time.perf_counter() - tick, ids
 
-    for fn in (ours, plain_generate):  # warm-up: first calls pay for lazy initialisation
+    for fn in (ours, ours_one_a_step, plain_generate):  # warm-up: first calls pay for lazy initialisation
         fn(2)
-    times: dict[str, dict[str, list[float]]] = {name: {"full": [], "first": []} for name in ("reprolora", "plain")}
+    paths = [("reprolora", ours), ("one_a_step", ours_one_a_step), ("plain", plain_generate)]
+    times: dict[str, dict[str, list[float]]] = {name: {"full": [], "first": []} for name, _ in paths}
     tokens: dict[str, list[int]] = {}
-    paths = [("reprolora", ours), ("plain", plain_generate)]
     for repeat in range(repeats):
         # Back to back in pairs, each path first in turn: a drift in machine speed (a shared VM) weighs on both alike,
         # and the ratio of each pair is taken before the median.
@@ -98,10 +110,16 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
         for _ in range(FIRST_TOKEN_RUNS):  # short runs: more of them, for a steadier number
             for name, fn in order:
                 times[name]["first"].append(timed(fn, 1)[0])
+    # Tokens per decoding step on the full answer (the first token comes from the prompt's own pass).
+    engine.steps = engine.rows = engine.accepted = engine.guessed = 0
+    ours(max_new_tokens)
+    guessing = {"steps": engine.steps, "tokens": engine.rows + engine.accepted, "guessed": engine.guessed,
+                "accepted": engine.accepted}
     eos = set(filter(None, [plain_tokenizer.eos_token_id]))
     plain_ids = [t for t in tokens["plain"] if t not in eos]  # generate keeps the end token, greedy leaves it out
     result: dict[str, Any] = {
-        "prompt_tokens": infer.prompt_tokens(model, prompt), "same_tokens": plain_ids == tokens["reprolora"],
+        "prompt_tokens": infer.prompt_tokens(model, prompt),
+        "same_tokens": plain_ids == tokens["reprolora"] == tokens["one_a_step"], "guessing": guessing,
         "load_s": model.load_seconds, "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -113,6 +131,8 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
     for kind in ("full", "first"):
         pairs = zip(times["reprolora"][kind], times["plain"][kind])
         result[f"speedup_{kind}"] = median([b / a for a, b in pairs])  # plain's time / reprolora's time
+        pairs = zip(times["reprolora"][kind], times["one_a_step"][kind])
+        result[f"guess_speedup_{kind}"] = median([b / a for a, b in pairs])
     result["bound"] = bandwidth_bound(model.causal_lm)
     result["bound"]["reached"] = result["reprolora"]["tokens_per_s"] / result["bound"]["tokens_per_s"]
     result["plain_serial"] = plain_serially(plain_generate, serve_jobs, serve_max_tokens)
@@ -269,11 +289,16 @@ def main() -> None:
           f"prompt {prompt!r} ({d['prompt_tokens']} tokens), up to {args.max_new_tokens} new tokens, "
           f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; reprolora load (hash checks included) {d['load_s']:.1f} s")
     print(f"{'path':<28} {'tokens':>6} {'tokens/s':>9} {'first token s':>14}   (median; best)")
-    for label, r in (("reprolora infer (greedy)", ours), ("transformers+peft generate", plain)):
+    for label, r in (("reprolora infer (greedy)", ours), ("reprolora, no guesses", d["one_a_step"]),
+                     ("transformers+peft generate", plain)):
         print(f"{label:<28} {r['tokens']:6d} {r['tokens_per_s']:9.2f} {r['first_token_s']:14.3f}   "
               f"({r['best_tokens_per_s']:.2f} tokens/s; {r['best_first_token_s']:.3f} s)")
     print(f"speed-up over plain generate, median of paired runs (target >= 2): per token {d['speedup_full']:.2f}x, "
           f"first token {d['speedup_first']:.2f}x; same tokens: {'yes' if d['same_tokens'] else 'NO'}")
+    g = d["guessing"]
+    print(f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps ({g['tokens'] / max(1, g['steps']):.2f} a step), "
+          f"{g['accepted']} of {g['guessed']} guesses right; speed-up over the same engine without guesses "
+          f"{d['guess_speedup_full']:.2f}x per token")
     print(f"memory bandwidth {bound['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum of a 1 GiB tensor, best of 5); "
           f"{bound['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token: bound {bound['tokens_per_s']:.1f} "
           f"tokens/s for one request; reprolora reaches {100 * bound['reached']:.0f}%")

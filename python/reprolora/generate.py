@@ -15,6 +15,14 @@ Why the answers do not depend on the load:
   nor padding) enters its arithmetic;
 - rotary tables are computed in fixed chunks of positions, so a position's angle never depends on the total length.
 
+Rows that no request needs carry guesses (prompt lookup, as transformers' `prompt_lookup_num_tokens`): the tokens
+that followed the latest earlier occurrence of a request's last few tokens, each at the next position of that
+request. A guess's row is computed exactly as the row of the step that would decode that position (the same
+product rows, its query against its own cache up to that position), so where the guess equals the token the
+previous row chose, that row's logits are the ones the next step would have produced, and the next token is
+taken from them: several tokens in one step, the same bits and tokens as one token a step. A wrong guess costs
+nothing but its row, which was idle; its cache entries lie past the request's length and are overwritten.
+
 The model forward is written out over the Hugging Face modules of the model (embedding, norms, projections, MLP,
 output head), called as they are, except the linear layers (`linear`): a PEFT LoRA layer is its base layer plus
 lora_B(x A^T) * scaling, as PEFT computes it, with narrow products summed as above; a merged model holds the merged
@@ -37,6 +45,7 @@ NARROW = 64  # products with at most this many outputs are summed by ATen (modul
 SUM_ROWS = 64  # rows per multiply-and-sum: bounds its [rows, outputs, in] temporary
 BLOCK = 64  # positions per key/value cache block: caches grow by whole blocks, never copied per token
 ROTARY_CHUNK = 64  # positions per rotary table chunk
+LOOKUP_NGRAM = 3  # a guess follows the latest earlier match of a request's last 3, else 2, else 1 tokens
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ class Sequence:
 class Engine:
     """The batch-invariant decoder over one causal LM (a PeftModel's model, or a plain or merged one)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, guess: bool = True) -> None:
         if hasattr(model, "get_base_model"):  # a PeftModel: decode with the model inside, as training does
             model = model.get_base_model()
         self.model, self.tokenizer = model, tokenizer
@@ -131,8 +140,11 @@ class Engine:
             raise ReproloraError(f"the decoder knows model types llama, mistral, qwen2, gpt2, gpt_neox, not {self.family!r}")
         self.cos: torch.Tensor | None = None  # rotary table, [positions, rotary dims]
         self.sin: torch.Tensor | None = None
+        self.guess = guess  # idle rows carry guessed tokens (module docstring); False: one token a step
         self.steps = 0  # decoding steps run (each SLOTS rows)
-        self.rows = 0  # busy rows over those steps
+        self.rows = 0  # requests decoded over those steps
+        self.guessed = 0  # rows that carried a guess
+        self.accepted = 0  # guesses that were right: tokens decoded beyond one per request and step
 
     # ----------------------------------------------------------------------------------------- the public API
 
@@ -149,15 +161,41 @@ class Engine:
         return sequence
 
     def step(self, sequences: list[Sequence]) -> None:
-        """One token more for each sequence (at most SLOTS, none done), computed in one fixed-shape step."""
+        """At least one token more for each sequence (at most SLOTS, none done), computed in one fixed-shape step;
+        more where the guesses in the idle rows were right."""
         if not 0 < len(sequences) <= SLOTS or any(s.done for s in sequences):
             raise ValueError(f"step takes 1 to {SLOTS} sequences that are not done")
+        guesses = self._guesses(sequences) if self.guess else [[] for _ in sequences]
+        rows = [(sequence, token, sequence.length + offset)
+                for sequence, guessed in zip(sequences, guesses)
+                for offset, token in enumerate([sequence.generated[-1], *guessed])]
         with torch.inference_mode():
-            logits = self._decode(sequences)
+            logits = self._decode(rows)
         self.steps += 1
         self.rows += len(sequences)
-        for row, sequence in enumerate(sequences):
-            self._take(sequence, logits[row])
+        self.guessed += len(rows) - len(sequences)
+        row = 0
+        for sequence, guessed in zip(sequences, guesses):
+            for offset in range(len(guessed) + 1):  # row offset's input token is now known right: it stays cached
+                self._take(sequence, logits[row + offset])
+                sequence.length += 1
+                if sequence.done or offset == len(guessed) or sequence.generated[-1] != guessed[offset]:
+                    break
+                self.accepted += 1
+            row += len(guessed) + 1
+
+    def _guesses(self, sequences: list[Sequence]) -> list[list[int]]:
+        """Guessed next tokens for each sequence, the idle rows shared out in turn (first guesses first)."""
+        lookups = [lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
+                   for s in sequences]
+        guesses: list[list[int]] = [[] for _ in sequences]
+        idle = SLOTS - len(sequences)
+        for turn in range(SLOTS - 1):
+            for found, guessed in zip(lookups, guesses):
+                if idle and turn < len(found):
+                    guessed.append(found[turn])
+                    idle -= 1
+        return guesses
 
     # ----------------------------------------------------------------------------------------- choosing tokens
 
@@ -314,19 +352,19 @@ class Engine:
         sequence.length = n
         return self._logits(x[-1:])
 
-    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        """One token for each sequence, in SLOTS rows; logits [SLOTS, vocab] (rows past the sequences: padding)."""
-        busy = len(sequences)
-        rows = SLOTS  # whatever the load: the products' shapes, and so their bits, never change
-        tokens = [s.generated[-1] for s in sequences] + [0] * (rows - busy)
-        positions = torch.tensor([s.length for s in sequences] + [0] * (rows - busy))
+    def _decode(self, rows: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Logits [SLOTS, vocab] of `rows` (sequence, input token, its position), in SLOTS rows (the rest padding).
+        A sequence's rows are at consecutive positions from its length on, in order: each row's key and value are
+        cached before the next row's query reads them."""
+        padding = SLOTS - len(rows)  # whatever the load: the products' shapes, and so their bits, never change
+        tokens = [token for _, token, _ in rows] + [0] * padding
+        positions = torch.tensor([at for _, _, at in rows] + [0] * padding)
         x = self._embed(torch.tensor(tokens, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(q)  # padding rows attend to nothing
-            for row, sequence in enumerate(sequences):
-                at = sequence.length
+            for row, (sequence, _, at) in enumerate(rows):
                 self._store(sequence, index, k[row:row + 1], v[row:row + 1], at)
                 window = self.windows[index]
                 first = max(0, at + 1 - window) if window is not None else 0
@@ -336,9 +374,22 @@ class Engine:
 
         for index in range(len(self.layers)):
             x = self._layer(index, x, attend, cos, sin)
-        for sequence in sequences:
-            sequence.length += 1
         return self._logits(x)
+
+
+def lookup(tokens: list[int], limit: int) -> list[int]:
+    """`limit` tokens that followed the latest earlier occurrence of the last LOOKUP_NGRAM (else fewer) tokens; where
+    they run into the end, the copy goes on over itself, as a repeating pattern would (a loop of one token: that token).
+    """
+    for n in range(min(LOOKUP_NGRAM, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for end in range(len(tokens) - 2, n - 2, -1):  # where an earlier match would end, latest first
+            if tokens[end] == suffix[-1] and tokens[end - n + 1:end + 1] == suffix:
+                guesses: list[int] = []
+                for at in range(end + 1, end + 1 + limit):
+                    guesses.append(tokens[at] if at < len(tokens) else guesses[at - len(tokens)])
+                return guesses
+    return []
 
 
 def summed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
