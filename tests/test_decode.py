@@ -206,9 +206,14 @@ def test_served_concurrently_equals_infer_alone(tiny_adapter: Path, tiny_base_mo
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     probe = manifest["probes"]["results"][0]
     assert alone[probe["prompt"]]["token_ids"][:8] == probe["token_ids"]
-    steps = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("reprolora_decode_steps_total")))
-    rows = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("reprolora_decode_rows_total")))
-    assert rows > steps > 0  # some steps decoded several requests together
+    counters = {name: int(value) for name, value in (line.split() for line in metrics.splitlines()
+                                                      if line.startswith("reprolora_") and "{" not in line)}
+    assert counters["reprolora_decode_rows_total"] > counters["reprolora_decode_steps_total"] > 0  # several together
+    assert counters["reprolora_guessed_tokens_total"] >= counters["reprolora_accepted_guesses_total"]
+    # Each request's prompt pass and each of its rows gives a token, kept unless it is the end token ("stop").
+    ended = sum(choice["finish_reason"] == "stop" for _, choice in answers)
+    assert counters["reprolora_completion_tokens_total"] == (len(jobs) + counters["reprolora_decode_rows_total"]
+                                                             + counters["reprolora_accepted_guesses_total"] - ended)
 
 
 def test_bench_infer_quick_runs(tiny_adapter: Path, tiny_base_model: Path) -> None:

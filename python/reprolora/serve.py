@@ -83,6 +83,8 @@ class Metrics:
         self.waiting = 0  # requests submitted and not yet decoding
         self.decode_steps = 0
         self.decode_rows = 0  # requests decoded, summed over the steps (rows computed: SLOTS per step)
+        self.guessed_tokens = 0  # idle rows that carried a guessed token (generate's module docstring)
+        self.accepted_guesses = 0  # those that were right: tokens beyond one per request and step
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -99,10 +101,12 @@ class Metrics:
         with self._lock:
             self.waiting += delta
 
-    def decoded(self, rows: int) -> None:
+    def decoded(self, rows: int, guessed: int, accepted: int) -> None:
         with self._lock:
             self.decode_steps += 1
             self.decode_rows += rows
+            self.guessed_tokens += guessed
+            self.accepted_guesses += accepted
 
     def render(self) -> str:
         with self._lock:
@@ -125,7 +129,12 @@ class Metrics:
                       "# HELP reprolora_decode_steps_total Decoding steps run (each a fixed number of rows).",
                       "# TYPE reprolora_decode_steps_total counter", f"reprolora_decode_steps_total {self.decode_steps}",
                       "# HELP reprolora_decode_rows_total Requests decoded in those steps, summed over the steps.",
-                      "# TYPE reprolora_decode_rows_total counter", f"reprolora_decode_rows_total {self.decode_rows}"]
+                      "# TYPE reprolora_decode_rows_total counter", f"reprolora_decode_rows_total {self.decode_rows}",
+                      "# HELP reprolora_guessed_tokens_total Idle rows of those steps that carried a guessed token.",
+                      "# TYPE reprolora_guessed_tokens_total counter", f"reprolora_guessed_tokens_total {self.guessed_tokens}",
+                      "# HELP reprolora_accepted_guesses_total Guessed tokens that were right (decoded beyond one a step).",
+                      "# TYPE reprolora_accepted_guesses_total counter",
+                      f"reprolora_accepted_guesses_total {self.accepted_guesses}"]
         return "\n".join(lines) + "\n"
 
 
@@ -366,6 +375,7 @@ class Decoder:
                     active.append((job, sequence))
             if not active:
                 continue
+            guessed, accepted = self.engine.guessed, self.engine.accepted
             try:
                 self.engine.step([sequence for _, sequence in active])
             except Exception as e:  # noqa: BLE001 - a bug: fail the jobs in the step, keep serving
@@ -374,7 +384,7 @@ class Decoder:
                     job.finish(error=e)
                 active = []
                 continue
-            self.metrics.decoded(len(active))
+            self.metrics.decoded(len(active), self.engine.guessed - guessed, self.engine.accepted - accepted)
             for job, sequence in active:
                 if sequence.done:
                     self._complete(job, sequence)
