@@ -114,6 +114,12 @@ MUTANTS = [
     Mutant("decode-rows-follow-the-load",
            [Edit("python/reprolora/generate.py", "        padding = SLOTS - len(rows)  # whatever the load", "        padding = 0  # whatever the load")],
            ["tests/test_decode.py::test_an_answer_does_not_depend_on_the_others[3-llama]"]),
+    # Decoding steps multiply by packed copies of the weights: a weight changed in place must be packed again.
+    Mutant("decode-packed-weights-never-repacked",
+           [Edit("python/reprolora/generate.py",
+                 "    if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:",
+                 "    if cached is None:")],
+           ["tests/test_decode.py::test_a_weight_changed_in_place_after_decoding_is_used"]),
     # Guesses in idle rows: a guess is kept only where it is the token the previous row chose.
     Mutant("decode-keeps-every-guess",
            [Edit("python/reprolora/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],

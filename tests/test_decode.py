@@ -117,6 +117,33 @@ def test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps(family_mode
         assert decode_alone(engine, ids, 40, [stop]) == stopped
 
 
+def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> None:
+    """Decoding steps use packed copies of the weights (generate.packed_product): one changed in place afterwards
+    (an optimizer step, say) must be packed again, not decoded with its old copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny.make_family_model(tmp_path / "model", "gpt2")  # its attention and output products are packed
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def load() -> Any:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def change(model: Any) -> Any:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.5)
+            model.transformer.h[0].attn.c_attn.weight.mul_(2.0)
+        return model
+
+    model = load()
+    engine = generate.Engine(model, tokenizer, guess=False)
+    ids = ids_of(tokenizer, PROMPTS[1])
+    before = decode_alone(engine, ids, 12)
+    change(model)
+    after = decode_alone(engine, ids, 12)
+    assert after == decode_alone(generate.Engine(change(load()), tokenizer, guess=False), ids, 12)
+    assert after.logits_sha256 != before.logits_sha256
+
+
 def test_lookup_guesses_what_followed_the_latest_match() -> None:
     assert generate.lookup([5, 1, 2, 3, 9, 1, 2, 3, 4, 7, 1, 2, 3], 3) == [4, 7, 1]  # the latest of two matches
     assert generate.lookup([1, 2, 3, 8, 2, 3], 5) == [8, 2, 3, 8, 2]  # no 3-token match: the 2-token one, repeated

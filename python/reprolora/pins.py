@@ -131,6 +131,10 @@ def apply(profile: str, threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
+def is_applied() -> bool:
+    return _applied is not None
+
+
 def applied() -> dict[str, Any]:
     if _applied is None:
         raise ReproloraError("determinism pins were not applied")
