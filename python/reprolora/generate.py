@@ -328,7 +328,7 @@ class Engine:
             sequence.values.append(torch.empty(self.kv_heads, capacity, self.head_dim))
         elif end > sequence.keys[index].shape[1]:
             for cache in (sequence.keys, sequence.values):
-                grown = torch.empty(self.kv_heads, sequence.keys[index].shape[1] + BLOCK, self.head_dim)
+                grown = torch.empty(self.kv_heads, -(-end // BLOCK) * BLOCK, self.head_dim)
                 grown[:, :at] = cache[index][:, :at]
                 cache[index] = grown
         sequence.keys[index][:, at:end] = k.transpose(0, 1)
@@ -369,16 +369,20 @@ class Engine:
         positions = torch.tensor([at for _, _, at in rows] + [0] * padding)
         x = self._embed(torch.tensor(tokens, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
+        starts = [row for row in range(len(rows)) if row == 0 or rows[row][0] is not rows[row - 1][0]]
+        spans = list(zip(starts, starts[1:] + [len(rows)]))  # each sequence's rows
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros_like(q)  # padding rows attend to nothing
+            for start, end in spans:  # a sequence's rows into its cache at once: a row reads none past its own
+                self._store(rows[start][0], index, k[start:end], v[start:end], rows[start][2])
+            window = self.windows[index]
+            outs = []
             for row, (sequence, _, at) in enumerate(rows):
-                self._store(sequence, index, k[row:row + 1], v[row:row + 1], at)
-                window = self.windows[index]
                 first = max(0, at + 1 - window) if window is not None else 0
-                out[row] = self._attention(index, q[row:row + 1], sequence.keys[index][:, first:at + 1],
-                                           sequence.values[index][:, first:at + 1], None)[0]
-            return out
+                outs.append(self._attention(index, q[row:row + 1], sequence.keys[index][:, first:at + 1],
+                                            sequence.values[index][:, first:at + 1], None))
+            outs.append(torch.zeros_like(q[len(rows):]))  # padding rows attend to nothing
+            return torch.cat(outs)
 
         for index in range(len(self.layers)):
             x = self._layer(index, x, attend, cos, sin)

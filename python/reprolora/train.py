@@ -123,9 +123,6 @@ def plan_steps(train_idx: list[int], rng: random.Random, config: Config) -> tupl
 
 def setup(config: Config) -> Job:
     """Resolve and hash the inputs, tokenize, build the model with its LoRA adapter (seeded), plan the steps."""
-    # With deterministic algorithms on, torch fills every new empty tensor with NaN, in case an op reads memory it
-    # never wrote. None of ours does: turning it off measured about 2.6% faster on the default job, same bytes.
-    torch.utils.deterministic.fill_uninitialized_memory = False
     base = base_model.resolve(config.base_model.path, config.base_model.name)
     data = dataset.load(config.dataset.path)
     rng = random.Random(config.seed)
