@@ -10,11 +10,11 @@ Why the answers do not depend on the load:
   MKL splits the sum between threads (measured on the AMD EPYC: 12-32 outputs at 8 rows, 20-32 at 16, with 2 or
   4 threads), so its bits would follow the thread count; ATen's sum adds each output's terms in one fixed order on
   one thread, whatever the thread count and the number of rows;
-- a decoding step's wider products go to oneDNN with each weight packed once into its own layout (MKL repacks the
-  weight on every call, which at a few rows costs more than the product: steps 1.4-1.7x faster, measured on the
-  AMD EPYC); oneDNN's fp32 product at SLOTS rows gave the same bits at 1, 2 and 4 threads and a row's bits did not
-  depend on the other rows' values. Under the `portable` profile, whose promise across CPU vendors rests on MKL's
-  COMPATIBLE path, and off x86-64 (not measured), MKL does them, as in prefill;
+- the wider products go to oneDNN with each weight packed once into its own layout (MKL repacks the weight on every
+  call, which at a few rows costs more than the product); measured on the AMD EPYC, oneDNN's fp32 products of the
+  model's shapes gave the same bits at 1, 2 and 4 threads at every row count from 1 to 69 and at 100-700, and a
+  row's bits did not depend on the other rows' values. Under the `portable` profile, whose promise across CPU
+  vendors rests on MKL's COMPATIBLE path, and off x86-64 (not measured), MKL does them;
 - a request's prompt is run alone (prefill): its shapes depend on that request only;
 - attention is per request: its query against its own key/value cache, so no other request's data (nor its length,
   nor padding) enters its arithmetic;
@@ -406,7 +406,7 @@ def lookup(tokens: list[int], limit: int) -> list[int]:
 
 @functools.cache
 def packs_weights() -> bool:
-    """Whether decoding steps multiply by oneDNN with packed weights (module docstring): on x86-64, not under
+    """Whether the decoder multiplies by oneDNN with packed weights (module docstring): on x86-64, not under
     `portable`. A process without pins (a test's) counts as `native`."""
     profile = pins.applied()["profile"] if pins.is_applied() else "native"
     return platform.machine() == "x86_64" and torch.backends.mkldnn.is_available() and profile != "portable"
@@ -430,7 +430,8 @@ def summed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a linear layer (nn.Linear, GPT-2's Conv1D, or a PEFT LoRA layer over one), with every product
-    of at most NARROW outputs (a LoRA down-projection x A^T among them) computed by `summed`, not by the BLAS."""
+    of at most NARROW outputs (a LoRA down-projection x A^T among them) computed by `summed`, not by the BLAS, and the
+    wider ones by `packed_product` where `packs_weights()`."""
     lora_A = getattr(module, "lora_A", None)
     if lora_A is not None:
         result = linear(module.base_layer, x)  # a merged layer's base holds the merged weights
@@ -451,7 +452,7 @@ def linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     else:
         return module(x)
     if weight.shape[0] > NARROW:
-        if x.shape[0] == SLOTS and weight.dtype == torch.float32 and packs_weights():
+        if weight.dtype == torch.float32 and packs_weights():
             return packed_product(module, weight, x)
         return module(x)
     out = summed(x, weight)
