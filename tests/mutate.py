@@ -120,6 +120,9 @@ MUTANTS = [
                  "    if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:",
                  "    if cached is None:")],
            ["tests/test_decode.py::test_a_weight_changed_in_place_after_decoding_is_used"]),
+    Mutant("decode-packs-under-portable",
+           [Edit("python/reprolora/generate.py", 'and profile != "portable"', "")],
+           ["tests/test_decode.py::test_packed_products_under_every_profile_but_portable"]),
     # Guesses in idle rows: a guess is kept only where it is the token the previous row chose.
     Mutant("decode-keeps-every-guess",
            [Edit("python/reprolora/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],

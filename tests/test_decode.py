@@ -4,6 +4,7 @@ else is decoded with them, in process and through a running `reprolora serve`.""
 from __future__ import annotations
 
 import json
+import platform
 import random
 import subprocess
 import sys
@@ -142,6 +143,17 @@ def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> Non
     after = decode_alone(engine, ids, 12)
     assert after == decode_alone(generate.Engine(change(load()), tokenizer, guess=False), ids, 12)
     assert after.logits_sha256 != before.logits_sha256
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="oneDNN's packed products are used on x86-64 only")
+def test_packed_products_under_every_profile_but_portable() -> None:
+    """`portable` promises the same bytes on Intel and AMD through MKL's COMPATIBLE path: its decoder keeps MKL."""
+    code = "import sys; from reprolora import pins; pins.apply(sys.argv[1], 1); from reprolora import generate; " \
+           "print(generate.packs_weights())"
+    used = {profile: subprocess.run([sys.executable, "-c", code, profile], capture_output=True, text=True, check=True,
+                                    timeout=300).stdout.strip()
+            for profile in ("native", "portable-fast", "portable")}
+    assert used == {"native": "True", "portable-fast": "True", "portable": "False"}
 
 
 def test_lookup_guesses_what_followed_the_latest_match() -> None:
