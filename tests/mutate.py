@@ -123,7 +123,11 @@ MUTANTS = [
     Mutant("decode-packs-under-portable",
            [Edit("python/reprolora/generate.py", 'and profile != "portable"', "")],
            ["tests/test_decode.py::test_packed_products_under_every_profile_but_portable"]),
-    # Guesses in idle rows: a guess is kept only where it is the token the previous row chose.
+    # Guesses in idle rows: only the rows no request needs carry them (a step never grows past SLOTS rows).
+    Mutant("decode-guesses-take-busy-rows",
+           [Edit("python/reprolora/generate.py", "    idle = SLOTS - len(found)", "    idle = SLOTS - 1")],
+           ["tests/test_decode.py::test_idle_rows_are_shared_first_guesses_first"]),
+    # A guess is kept only where it is the token the previous row chose.
     Mutant("decode-keeps-every-guess",
            [Edit("python/reprolora/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],
            ["tests/test_decode.py::test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps[llama]"]),

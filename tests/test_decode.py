@@ -156,6 +156,14 @@ def test_packed_products_under_every_profile_but_portable() -> None:
     assert used == {"native": "True", "portable-fast": "True", "portable": "False"}
 
 
+def test_idle_rows_are_shared_first_guesses_first() -> None:
+    assert generate.SLOTS == 8
+    assert generate.share_idle_rows([list(range(10, 17))]) == [list(range(10, 17))]  # one sequence: 7 idle rows
+    assert generate.share_idle_rows([[1, 2, 3], [4, 5, 6], []]) == [[1, 2, 3], [4, 5], []]  # 5 idle rows
+    assert generate.share_idle_rows([[1, 2]] * 6) == [[1], [1], [], [], [], []]  # 2 idle rows
+    assert generate.share_idle_rows([[1, 2]] * 8) == [[]] * 8  # none idle
+
+
 def test_lookup_guesses_what_followed_the_latest_match() -> None:
     assert generate.lookup([5, 1, 2, 3, 9, 1, 2, 3, 4, 7, 1, 2, 3], 3) == [4, 7, 1]  # the latest of two matches
     assert generate.lookup([1, 2, 3, 8, 2, 3], 5) == [8, 2, 3, 8, 2]  # no 3-token match: the 2-token one, repeated

@@ -173,7 +173,9 @@ class Engine:
         more where the guesses in the idle rows were right."""
         if not 0 < len(sequences) <= SLOTS or any(s.done for s in sequences):
             raise ValueError(f"step takes 1 to {SLOTS} sequences that are not done")
-        guesses = self._guesses(sequences) if self.guess else [[] for _ in sequences]
+        found = [lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
+                 if self.guess else [] for s in sequences]
+        guesses = share_idle_rows(found)
         rows = [(sequence, token, sequence.length + offset)
                 for sequence, guessed in zip(sequences, guesses)
                 for offset, token in enumerate([sequence.generated[-1], *guessed])]
@@ -192,18 +194,6 @@ class Engine:
                 self.accepted += 1
             row += len(guessed) + 1
 
-    def _guesses(self, sequences: list[Sequence]) -> list[list[int]]:
-        """Guessed next tokens for each sequence, the idle rows shared out in turn (first guesses first)."""
-        lookups = [lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
-                   for s in sequences]
-        guesses: list[list[int]] = [[] for _ in sequences]
-        idle = SLOTS - len(sequences)
-        for turn in range(SLOTS - 1):
-            for found, guessed in zip(lookups, guesses):
-                if idle and turn < len(found):
-                    guessed.append(found[turn])
-                    idle -= 1
-        return guesses
 
     # ----------------------------------------------------------------------------------------- choosing tokens
 
@@ -402,6 +392,19 @@ def lookup(tokens: list[int], limit: int) -> list[int]:
                     guesses.append(tokens[at] if at < len(tokens) else guesses[at - len(tokens)])
                 return guesses
     return []
+
+
+def share_idle_rows(found: list[list[int]]) -> list[list[int]]:
+    """The guesses each of len(found) sequences gets from `found`, its lookups, in the SLOTS - len(found) idle rows:
+    shared out in turn, every sequence's first guess before any second one."""
+    guesses: list[list[int]] = [[] for _ in found]
+    idle = SLOTS - len(found)
+    for turn in range(SLOTS - 1):
+        for candidates, guessed in zip(found, guesses):
+            if idle and turn < len(candidates):
+                guessed.append(candidates[turn])
+                idle -= 1
+    return guesses
 
 
 @functools.cache
