@@ -173,8 +173,9 @@ class Engine:
         more where the guesses in the idle rows were right."""
         if not 0 < len(sequences) <= SLOTS or any(s.done for s in sequences):
             raise ValueError(f"step takes 1 to {SLOTS} sequences that are not done")
+        guessing = self.guess and len(sequences) < SLOTS  # no lookups where no row is idle (a full batch)
         found = [lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
-                 if self.guess else [] for s in sequences]
+                 if guessing else [] for s in sequences]
         guesses = share_idle_rows(found)
         rows = [(sequence, token, sequence.length + offset)
                 for sequence, guessed in zip(sequences, guesses)
