@@ -1,0 +1,11 @@
+"""float32 operations whose every element has one answer, defined by mathematics (the `reference` profile).
+
+A float32 product, sum or exponential computed by a BLAS, an ISA's vector unit or a libm has no single answer:
+each rounds its own way. Every operation here is defined as the float32 nearest to an exact real number (ties to
+even), or as a written-out sequence of such operations and single IEEE-754 operations (add, subtract, multiply,
+divide, square root), each its own tensor op. Their results depend on the inputs alone: not on the CPU, the
+architecture, the BLAS, the torch version or the thread count.
+
+Modules:
+- exact:     rounding an exact rational to float32, the definition every answer comes from.
+"""
