@@ -12,7 +12,7 @@ would mean nothing; --skip-baseline leaves that out right after the whole suite 
 
 Adding an entry: when you add a behaviour and its test, add the bug that test exists to catch, e.g.
     Mutant("resume-forgets-the-optimizer-moments",
-           [Edit("python/reprolora/train.py", "exact line(s) as they are", "the bug")],
+           [Edit("python/reprolora/training/train.py", "exact line(s) as they are", "the bug")],
            ["tests/test_train.py::test_resume_gives_the_same_bytes"]),
 Name the fewest tests that catch it (they run once per mutant), and check it with `tests/mutate.py NAME`.
 """
@@ -46,12 +46,12 @@ class Mutant:
     tests: list[str]  # pytest node ids; at least one must fail with the bug in place
 
 
-PINS = "python/reprolora/pins.py"
+PINS = "python/reprolora/core/pins.py"
 TRAIN_TESTS = "tests/test_train.py"
 FINGERPRINT_NATIVE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[native]"
 FINGERPRINT_PORTABLE = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[portable]"
 FINGERPRINT_PORTABLE_FAST = f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[portable-fast]"
-DIFF = "python/reprolora/diff.py"
+DIFF = "python/reprolora/audit/diff.py"
 DIFF_TESTS = "tests/test_diff.py"
 THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
 
@@ -76,7 +76,8 @@ MUTANTS = [
            [Edit(PINS, "            os.environ.pop(name, None)\n", "            pass\n")],
            [f"{TRAIN_TESTS}::test_user_environment_does_not_change_the_bytes[aten-default]"]),
     Mutant("portable-runs-the-native-isa",
-           [Edit(PINS, '        "ATEN_CPU_CAPABILITY": "avx2",\n', '        "ATEN_CPU_CAPABILITY": None,\n')],
+           [Edit(PINS, '    ("portable", "x86_64"): {\n        "ATEN_CPU_CAPABILITY": "avx2",\n',
+                 '    ("portable", "x86_64"): {\n        "ATEN_CPU_CAPABILITY": None,\n')],
            [FINGERPRINT_PORTABLE]),
     Mutant("portable-mkl-vendor-specific",
            [Edit(PINS, '"MKL_CBWR": "COMPATIBLE",', '"MKL_CBWR": "AVX2",')],
@@ -96,89 +97,89 @@ MUTANTS = [
            [Edit(PINS, "    strict = get(-1) & 0x10000  # MKL_CBWR_ALL, MKL_CBWR_STRICT\n", "    strict = 0\n")],
            [FINGERPRINT_NATIVE]),
     Mutant("broken-pipe-traceback",
-           [Edit("python/reprolora/cli.py", "    except BrokenPipeError:", "    except NotImplementedError:")],
+           [Edit("python/reprolora/cli/main.py", "    except BrokenPipeError:", "    except NotImplementedError:")],
            ["tests/test_diff.py::test_a_reader_that_goes_away_gets_no_traceback"]),
     # Gap 2: the golden probes' logits.
     Mutant("logits-digest-constant",
-           [Edit("python/reprolora/generate.py", "digest.update(logits.numpy().tobytes())", 'digest.update(b"")')],
+           [Edit("python/reprolora/decoding/generate.py", "digest.update(logits.numpy().tobytes())", 'digest.update(b"")')],
            ["tests/test_infer.py::test_logits_that_change_under_the_same_tokens_fail_the_check"]),
     Mutant("check-ignores-the-logits",
-           [Edit("python/reprolora/infer.py", "        elif got.logits_sha256 != probe.logits_sha256:",
+           [Edit("python/reprolora/decoding/infer.py", "        elif got.logits_sha256 != probe.logits_sha256:",
                  "        elif False:")],
            ["tests/test_infer.py::test_logits_that_change_under_the_same_tokens_fail_the_check"]),
     Mutant("training-records-another-logits-hash",
-           [Edit("python/reprolora/train.py", "completion.finish_reason,\n                                      completion.logits_sha256))",
+           [Edit("python/reprolora/training/train.py", "completion.finish_reason,\n                                      completion.logits_sha256))",
                  "completion.finish_reason,\n                                      completion.logits_sha256[::-1]))")],
            ["tests/test_infer.py::test_answer_json_and_check"]),
     # Issue 10, part 4: an answer must not depend on what else is decoded with it.
     Mutant("decode-rows-follow-the-load",
-           [Edit("python/reprolora/generate.py", "        padding = SLOTS - len(rows)  # whatever the load", "        padding = 0  # whatever the load")],
+           [Edit("python/reprolora/decoding/generate.py", "        padding = SLOTS - len(rows)  # whatever the load", "        padding = 0  # whatever the load")],
            ["tests/test_decode.py::test_an_answer_does_not_depend_on_the_others[3-llama]"]),
     # Decoding steps multiply by packed copies of the weights: a weight changed in place must be packed again.
     Mutant("decode-packed-weights-never-repacked",
-           [Edit("python/reprolora/generate.py",
+           [Edit("python/reprolora/decoding/generate.py",
                  "    if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:",
                  "    if cached is None:")],
            ["tests/test_decode.py::test_a_weight_changed_in_place_after_decoding_is_used"]),
     Mutant("decode-packs-under-portable",
-           [Edit("python/reprolora/generate.py", 'and profile != "portable"', "")],
+           [Edit("python/reprolora/decoding/generate.py", 'and profile != "portable"', "")],
            ["tests/test_decode.py::test_packed_products_under_every_profile_but_portable"]),
     # Guesses in idle rows: only the rows no request needs carry them (a step never grows past SLOTS rows).
     Mutant("decode-guesses-take-busy-rows",
-           [Edit("python/reprolora/generate.py", "    idle = SLOTS - len(found)", "    idle = SLOTS - 1")],
+           [Edit("python/reprolora/decoding/generate.py", "    idle = SLOTS - len(found)", "    idle = SLOTS - 1")],
            ["tests/test_decode.py::test_idle_rows_are_shared_first_guesses_first"]),
     # A guess is kept only where it is the token the previous row chose.
     Mutant("decode-keeps-every-guess",
-           [Edit("python/reprolora/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],
+           [Edit("python/reprolora/decoding/generate.py", "or sequence.generated[-1] != guessed[offset]:", "or False:")],
            ["tests/test_decode.py::test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps[llama]"]),
     Mutant("decode-cache-advances-one-position-a-step",
-           [Edit("python/reprolora/generate.py", "                sequence.length += 1\n                if sequence.done",
+           [Edit("python/reprolora/decoding/generate.py", "                sequence.length += 1\n                if sequence.done",
                  "                if sequence.done"),
-            Edit("python/reprolora/generate.py", "            row += len(guessed) + 1",
+            Edit("python/reprolora/decoding/generate.py", "            row += len(guessed) + 1",
                  "            sequence.length += 1\n            row += len(guessed) + 1")],
            ["tests/test_decode.py::test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps[llama]"]),
     # At a few rows MKL's products with few outputs (a LoRA A, r = 16; a 16-wide projection) give other bits at 1
     # and 2 threads (AMD EPYC): the decoder sums them with ATen.
     Mutant("decoder-narrow-products-by-blas",
-           [Edit("python/reprolora/generate.py", "    if weight.shape[0] > NARROW:", "    if True:")],
+           [Edit("python/reprolora/decoding/generate.py", "    if weight.shape[0] > NARROW:", "    if True:")],
            ["tests/test_threads.py::test_the_decoders_linear_layers_do_not_change_with_the_thread_count[native]"]),
     Mutant("decoder-narrow-product-drops-bias",
-           [Edit("python/reprolora/generate.py", "    return out if module.bias is None else out + module.bias", "    return out")],
+           [Edit("python/reprolora/decoding/generate.py", "    return out if module.bias is None else out + module.bias", "    return out")],
            ["tests/test_decode.py::test_logits_and_tokens_are_hfs[qwen2]"]),
     # Gap 3: infer under the adapter's own profile.
     Mutant("infer-applies-native-whatever-the-adapter",
-           [Edit("python/reprolora/infer.py", "    pins.apply(recorded.pins.profile, recorded.pins.threads)",
+           [Edit("python/reprolora/decoding/infer.py", "    pins.apply(recorded.pins.profile, recorded.pins.threads)",
                  '    pins.apply("native", recorded.pins.threads)')],
            [f"{TRAIN_TESTS}::test_portable_profile_gives_its_own_reproducible_bytes"]),
     # Gap 4: the base model folder, file by file.
     Mutant("extra-base-model-file-accepted",
-           [Edit("python/reprolora/base_model.py",
+           [Edit("python/reprolora/models/base_model.py",
                  '    problems += [f"{name} is unexpected" for name in sorted(actual) if name not in expected]\n', "")],
            ["tests/test_infer.py::test_changed_base_model_is_refused[unexpected]"]),
     Mutant("missing-base-model-file-accepted",
-           [Edit("python/reprolora/base_model.py",
+           [Edit("python/reprolora/models/base_model.py",
                  '    problems += [f"{name} is missing" for name in sorted(expected) if name not in actual]\n', "")],
            ["tests/test_infer.py::test_changed_base_model_is_refused[missing]"]),
     # Gap 5: every hash the manifest states is recomputed from what it covers.
     Mutant("loss-trace-hash-over-something-else",
-           [Edit("python/reprolora/train.py", "sha256_bytes(canonical_json(state.loss_trace))",
+           [Edit("python/reprolora/training/train.py", "sha256_bytes(canonical_json(state.loss_trace))",
                  'sha256_bytes(b" " + canonical_json(state.loss_trace))')],
            [f"{TRAIN_TESTS}::test_every_hash_in_the_manifest_is_what_it_covers"]),
     Mutant("verify-skips-the-loss-trace",
-           [Edit("python/reprolora/adapter.py", "    if actual != recorded.loss_trace_sha256:", "    if False:")],
+           [Edit("python/reprolora/core/adapter.py", "    if actual != recorded.loss_trace_sha256:", "    if False:")],
            [f"{TRAIN_TESTS}::test_verify_recomputes_the_hashes_the_manifest_states[loss_trace]"]),
     Mutant("verify-skips-the-base-model-name",
-           [Edit("python/reprolora/adapter.py", "and name != base_model.local_name(files):", "and False:")],
+           [Edit("python/reprolora/core/adapter.py", "and name != base_model.local_name(files):", "and False:")],
            [f"{TRAIN_TESTS}::test_verify_recomputes_the_hashes_the_manifest_states[base_model_name]"]),
     Mutant("dataset-hash-over-something-else",
-           [Edit("python/reprolora/dataset.py", "sha256=sha256_bytes(data)", 'sha256=sha256_bytes(data + b"\\n")')],
+           [Edit("python/reprolora/data/dataset.py", "sha256=sha256_bytes(data)", 'sha256=sha256_bytes(data + b"\\n")')],
            [f"{TRAIN_TESTS}::test_every_hash_in_the_manifest_is_what_it_covers"]),
     # Issue 7: checkpoints restore the whole state; data parallelism adds in micro-batch order.
     Mutant("resume-forgets-adams-second-moment",
-           [Edit("python/reprolora/checkpoint.py", '            exp_avg_sq.copy_(tensors[f"exp_avg_sq/{name}"])\n', "")],
+           [Edit("python/reprolora/training/checkpoint.py", '            exp_avg_sq.copy_(tensors[f"exp_avg_sq/{name}"])\n', "")],
            ["tests/test_resume.py::test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes"]),
     Mutant("ranks-gradients-added-in-rank-order",
-           [Edit("python/reprolora/distributed.py",
+           [Edit("python/reprolora/training/distributed.py",
                  "        return [received[i % self.size][i // self.size] for i in range(count)]",
                  "        return [received[r][k] for r in range(self.size) for k in range(rows) if k * self.size + r < count]")],
            ["tests/test_distributed.py::test_world_size_gives_the_single_process_bytes[2]"]),
@@ -198,13 +199,13 @@ MUTANTS = [
            [f"{DIFF_TESTS}::test_only_the_manifest_differs"]),
     # Gap 6: checks that could not fail.
     Mutant("canonical-json-unsorted",
-           [Edit("python/reprolora/canonical.py", "sort_keys=True, indent=2", "sort_keys=False, indent=2")],
+           [Edit("python/reprolora/core/canonical.py", "sort_keys=True, indent=2", "sort_keys=False, indent=2")],
            [f"{TRAIN_TESTS}::test_output_is_canonical"]),
     Mutant("default-model-hashes-wrong-and-unchecked",  # slow test: needs the default model (cached after one run)
-           [Edit("python/reprolora/base_model.py",
+           [Edit("python/reprolora/models/base_model.py",
                  '    "config.json": "31781b18f63a7ee24d2756e2a59048566b47c518b6b956d883eff0dd4850c870",',
                  '    "config.json": "0000000000000000000000000000000000000000000000000000000000000000",'),
-            Edit("python/reprolora/base_model.py", "        check_folder(target, CONVERTED_SHA256)\n        return target",
+            Edit("python/reprolora/models/base_model.py", "        check_folder(target, CONVERTED_SHA256)\n        return target",
                  "        return target")],
            ["tests/test_real_model.py::test_default_model_converts_to_the_pinned_bytes"]),
 ]

@@ -140,7 +140,7 @@ def test_trains_twice_to_the_same_bytes(arm64: Arm64, arm64_adapters: dict[str, 
 PEFT_LOAD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from reprolora import pins
+    from reprolora.core import pins
     adapter_dir, base_dir = Path(sys.argv[1]), Path(sys.argv[2])
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     pins.apply(manifest["pins"]["profile"], manifest["pins"]["threads"])

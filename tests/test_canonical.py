@@ -3,8 +3,8 @@ import stat
 
 import pytest
 
-from reprolora.canonical import canonical_json, publish_dir
-from reprolora.errors import ReproloraError
+from reprolora.core.canonical import canonical_json, publish_dir
+from reprolora.core.errors import ReproloraError
 
 
 def test_canonical_json_is_sorted_and_stable():

@@ -119,7 +119,7 @@ class ByteTokenizer:
 
 
 def test_text_stream_never_sends_text_that_a_stop_would_cut():
-    from reprolora.serve import TextStream
+    from reprolora.serving.serve import TextStream
 
     sent: list[str] = []
     stream = TextStream(ByteTokenizer(), ["STOP"], sent.append)
@@ -161,7 +161,7 @@ def test_bad_chat_requests_are_refused(client, model_id: str, fields: dict, mess
 
 
 def test_unknown_model_and_route_come_from_the_route_table(client, server: Server):
-    from reprolora import serve
+    from reprolora.serving import serve
 
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}])

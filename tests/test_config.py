@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from reprolora import config
-from reprolora.errors import ReproloraError
+from reprolora.core import config
+from reprolora.core.errors import ReproloraError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -6,9 +6,9 @@ import pytest
 from transformers import AutoTokenizer
 
 import tiny
-from reprolora import dataset
-from reprolora.dataset import IGNORE
-from reprolora.errors import ReproloraError
+from reprolora.data import dataset
+from reprolora.data.dataset import IGNORE
+from reprolora.core.errors import ReproloraError
 
 
 @pytest.fixture(scope="module")

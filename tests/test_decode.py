@@ -1,4 +1,4 @@
-"""The decoding engine (reprolora.generate): HF's numbers for every family, and answers that do not depend on what
+"""The decoding engine (reprolora.decoding.generate): HF's numbers for every family, and answers that do not depend on what
 else is decoded with them, in process and through a running `reprolora serve`."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 import tiny
 from conftest import run_cli
-from reprolora import generate
-from reprolora.dataset import prompt_ids
+from reprolora.decoding import generate
+from reprolora.data.dataset import prompt_ids
 
 PROMPTS = ["Why pin seeds?", "Why check hashes of every file in the folder?", "Hi", "Why pin lockfiles, toolchains and caches?",
            "What changes floating-point results on a CPU, and why does the batch matter?", "Why?", "Check threads.",
@@ -32,7 +32,7 @@ def family_models(tmp_path_factory: pytest.TempPathFactory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reprolora import families
+    from reprolora.models import families
 
     made: dict[str, Any] = {}
 
@@ -148,7 +148,7 @@ def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> Non
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="oneDNN's packed products are used on x86-64 only")
 def test_packed_products_under_every_profile_but_portable() -> None:
     """`portable` promises the same bytes on Intel and AMD through MKL's COMPATIBLE path: its decoder keeps MKL."""
-    code = "import sys; from reprolora import pins; pins.apply(sys.argv[1], 1); from reprolora import generate; " \
+    code = "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); from reprolora.decoding import generate; " \
            "print(generate.packs_weights())"
     used = {profile: subprocess.run([sys.executable, "-c", code, profile], capture_output=True, text=True, check=True,
                                     timeout=300).stdout.strip()

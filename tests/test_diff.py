@@ -13,7 +13,7 @@ import pytest
 
 import tiny
 from conftest import run_cli
-from reprolora import diff
+from reprolora.audit import diff
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,8 @@ def test_two_nodes_give_the_single_process_bytes(tiny_adapter, tiny_config, tiny
 
 
 DISAGREE = textwrap.dedent("""
-    from reprolora import distributed
-    from reprolora.errors import ReproloraError
+    from reprolora.training import distributed
+    from reprolora.core.errors import ReproloraError
     world = distributed.world()
     try:
         distributed.check_same(world, "the sha256 of the trained weights", f"digest-{world.rank}")

@@ -9,8 +9,9 @@ import pytest
 
 import tiny
 from conftest import run_cli
-from reprolora import dataset, families
-from reprolora.errors import ReproloraError
+from reprolora.data import dataset
+from reprolora.models import families
+from reprolora.core.errors import ReproloraError
 
 # Short on purpose (3 steps): what is tested is that every family runs the whole path and gives the same bytes twice.
 JOB = """\

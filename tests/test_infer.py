@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from reprolora.canonical import canonical_json, file_entry
+from reprolora.core.canonical import canonical_json, file_entry
 
 PROMPT = "Why pin seeds?"
 

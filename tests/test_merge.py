@@ -36,7 +36,7 @@ def test_two_merges_give_the_same_bytes_and_a_manifest(merged, tiny_adapter: Pat
     assert manifest["adapter"]["manifest_sha256"] == hashlib.sha256((tiny_adapter / "manifest.json").read_bytes()).hexdigest()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).read_bytes() == (tiny_base_model / name).read_bytes()
-    from reprolora import merge
+    from reprolora.export import merge
 
     assert merge.read_manifest(folder)["format"] == "reprolora-merged/1"  # and every file's hash holds
     measured = manifest["merge"]
@@ -136,7 +136,7 @@ def test_gguf_reads_back_as_the_merged_weights(merged, dtype: str, tmp_path: Pat
 
 
 def test_gguf_export_refuses_other_families_and_unmerged_folders(merged, tiny_adapter: Path, tmp_path: Path):
-    from reprolora import merge
+    from reprolora.export import merge
 
     folder, _ = merged
     refused = run_cli("export-gguf", str(tiny_adapter), "-o", str(tmp_path / "a.gguf"), check=False)
@@ -191,7 +191,7 @@ def test_llama_cpp_loads_the_gguf_and_answers_as_infer_does(merged, infer_answer
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reprolora.dataset import prompt_ids, render
+    from reprolora.data.dataset import prompt_ids, render
 
     folder, _ = merged
     out = tmp_path / f"model-{dtype}.gguf"
@@ -226,7 +226,8 @@ def test_layout_reproduces_the_default_models_own_gguf():
     import gguf
     from safetensors.numpy import load_file
 
-    from reprolora import base_model, export_gguf
+    from reprolora.models import base_model
+    from reprolora.export import export_gguf
 
     folder = base_model.prepare_default()
     config = json.loads((folder / "config.json").read_text())

@@ -1,6 +1,6 @@
 import torch
 
-from reprolora.optim import AdamW, learning_rate
+from reprolora.training.optim import AdamW, learning_rate
 
 
 def test_adamw_follows_torch_adamw():

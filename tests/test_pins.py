@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from reprolora import pins
+from reprolora.core import pins
 
 # torch.__config__.show() of torch 2.13.0+cpu from PyPI (x86_64), build settings shortened.
 MKL_BUILD = """PyTorch built with:
@@ -68,7 +68,7 @@ def test_build_settings_are_parsed_as_a_list() -> None:
 
 def test_blas_of_this_torch() -> None:
     """The torch installed here: its own BLAS_INFO, and a version for MKL (from the text) or OpenBLAS (the library)."""
-    code = ("from reprolora import pins; import json, torch; print(json.dumps([pins.blas(), pins.blas_version(), "
+    code = ("from reprolora.core import pins; import json, torch; print(json.dumps([pins.blas(), pins.blas_version(), "
             "pins.build_settings(torch.__config__.show())['BLAS_INFO']]))")
     import json
 

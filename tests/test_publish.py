@@ -80,8 +80,8 @@ def test_card_is_written_by_train_and_recorded(tiny_adapter: Path):
 
 
 def test_card_config_block_reads_back_as_the_same_job(tiny_adapter: Path, tmp_path: Path):
-    from reprolora import card as card_module
-    from reprolora import config
+    from reprolora.audit import card as card_module
+    from reprolora.core import config
 
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     text = card_module.config_toml(manifest["inputs"]["config"])

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from reprolora import base_model
+from reprolora.models import base_model
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import json
 
 from conftest import run_cli
-from reprolora import reprotest
+from reprolora.audit import reprotest
 
 
 def test_quick_passes_under_every_variation():

@@ -246,7 +246,7 @@ def test_serve_check_refuses_to_start_on_failed_probes(tiny_adapter: Path, tiny_
 
     from safetensors.torch import load_file, save_file
 
-    from reprolora.canonical import canonical_json, file_entry
+    from reprolora.core.canonical import canonical_json, file_entry
 
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, adapter)

@@ -17,10 +17,10 @@ THREAD_INVARIANT = ["native"] + (["portable-fast"] if platform.machine() == "x86
 
 REDUCTIONS = textwrap.dedent("""
     import sys
-    from reprolora import pins
+    from reprolora.core import pins
     pins.apply("native", int(sys.argv[1]))
     import torch
-    from reprolora import train
+    from reprolora.training import train
     values = torch.randn(100003, generator=torch.Generator().manual_seed(0))
     print(values.sum().item(), train.chunked_sum(values).item(), train.grad_norm(values, [100003]).item())
 """)
@@ -37,7 +37,7 @@ def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
 
 PRODUCTS = textwrap.dedent("""
     import hashlib, sys
-    from reprolora import pins
+    from reprolora.core import pins
     pins.apply(sys.argv[2], int(sys.argv[1]))
     import torch
     def rand(*shape, seed):
@@ -88,11 +88,11 @@ def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp
 
 DECODER_PRODUCTS = textwrap.dedent("""
     import hashlib, sys
-    from reprolora import pins
+    from reprolora.core import pins
     pins.apply(sys.argv[2], int(sys.argv[1]))
     import torch
     from peft import LoraConfig, inject_adapter_in_model
-    from reprolora import generate
+    from reprolora.decoding import generate
     def rand(*shape, seed):
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     digest = hashlib.sha256()

@@ -45,7 +45,7 @@ def test_output_is_canonical(tiny_adapter):
 
 
 # The pinned variables of each profile on x86_64 as the training process must see them (None: removed), written
-# out here rather than read from reprolora.pins, so a pin that goes missing there fails the tests.
+# out here rather than read from reprolora.core.pins, so a pin that goes missing there fails the tests.
 PINNED_X86_64 = {
     "native": {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "AUTO,STRICT", "MKL_ENABLE_INSTRUCTIONS": None,
                "ONEDNN_MAX_CPU_ISA": "ALL", "OPENBLAS_CORETYPE": None},
@@ -132,10 +132,11 @@ def require_locale(env: dict[str, str]) -> None:
 # a perturbation really changes the bytes, so the pinned runs' equality means something.
 WITHOUT_ONE_PIN = textwrap.dedent("""
     import sys
-    from reprolora import cli, pins
+    from reprolora.cli.main import main
+    from reprolora.core import pins
     for isa in pins._PROFILE_ISA.values():
         del isa[sys.argv[1]]
-    sys.exit(cli.main(sys.argv[2:]))
+    sys.exit(main(sys.argv[2:]))
 """)
 
 
@@ -158,7 +159,7 @@ def test_cpu_capability_perturbation_changes_the_bytes_without_its_pin(tiny_adap
 # 2 threads differ). The training step itself may not depend on them, so this op stands in for the ones that do.
 THREAD_SENSITIVE_SUM = textwrap.dedent("""
     import sys
-    from reprolora import pins
+    from reprolora.core import pins
     if sys.argv[1] == "pinned":
         pins.apply("native", 2)
     import torch
@@ -226,13 +227,13 @@ def test_portable_profile_gives_its_own_reproducible_bytes(tmp_path, tiny_adapte
 PEFT_CHECK = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from reprolora import pins
+    from reprolora.core import pins
     adapter_dir, base_dir = Path(sys.argv[1]), Path(sys.argv[2])
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     pins.apply(manifest["pins"]["profile"], manifest["pins"]["threads"])
     from peft import PeftModel
-    from reprolora.generate import greedy
-    from reprolora.model import load_model_and_tokenizer
+    from reprolora.decoding.generate import greedy
+    from reprolora.models.loading import load_model_and_tokenizer
     base, tokenizer = load_model_and_tokenizer(base_dir)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for probe in manifest["probes"]["results"]:

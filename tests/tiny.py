@@ -1,4 +1,4 @@
-"""The tiny models, dataset and job of the fast tests: they live in the package (reprolora.tiny), where
+"""The tiny models, dataset and job of the fast tests: they live in the package (reprolora.models.tiny), where
 `reprolora reprotest --quick` finds them too."""
 
-from reprolora.tiny import *  # noqa: F401,F403
+from reprolora.models.tiny import *  # noqa: F401,F403

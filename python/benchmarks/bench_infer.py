@@ -1,7 +1,7 @@
 """Benchmark: `reprolora infer`'s decoding against plain transformers + peft `generate`, the memory-bandwidth bound,
 and `serve` under load.
 
-Part 1, in this process: the adapter is loaded twice, once by reprolora.infer (hash checks, pins, PeftModel) and
+Part 1, in this process: the adapter is loaded twice, once by reprolora.decoding.infer (hash checks, pins, PeftModel) and
 once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
 greedily, in `--repeats` back-to-back rounds (each path first in turn), as does reprolora's engine with its idle
 rows left empty (no guesses: one token a step). All run under the adapter's determinism pins, which this process
@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from reprolora import manifest  # no torch: the pins still come first
+from reprolora.core import manifest  # no torch: the pins still come first
 
 DEFAULT_ADAPTER = "out/adapter"
 FIRST_TOKEN_RUNS = 4  # per repeat and path
@@ -53,7 +53,7 @@ def median(values: list[float]) -> float:
 
 def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_tokens: int, repeats: int,
                    serve_jobs: list[str], serve_max_tokens: int) -> dict[str, Any]:
-    from reprolora import infer
+    from reprolora.decoding import infer
 
     model = infer.load(adapter, base_dir)  # applies the adapter's pins: torch is imported after this line
     import torch
@@ -75,7 +75,7 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
                                     pad_token_id=plain_tokenizer.pad_token_id or plain_tokenizer.eos_token_id)
         return output[0, inputs["input_ids"].shape[1]:].tolist()
 
-    from reprolora import generate
+    from reprolora.decoding import generate
 
     engine = generate.engine_for(model.causal_lm, model.tokenizer)
     one_a_step = generate.Engine(model.causal_lm, model.tokenizer, guess=False)

@@ -19,11 +19,12 @@ import sys
 
 CHILD = r"""
 import dataclasses, json, sys, time
-from reprolora import pins
+from reprolora.core import pins
 profile, base_dir = sys.argv[1], sys.argv[2]
 pins.apply(profile, 2)
-from reprolora import base_model, train
-from reprolora import config as config_module
+from reprolora.models import base_model
+from reprolora.training import train
+from reprolora.core import config as config_module
 base = config_module.load(None)
 config = dataclasses.replace(base, profile=profile, base_model=dataclasses.replace(
     base.base_model, path=base_dir or str(base_model.prepare_default())))

@@ -133,8 +133,8 @@ def main() -> None:
 
         if "ws" not in rows:
             return
-        if importlib.util.find_spec("reprolora.distributed") is None:
-            print("\nWorld size 1 against 2: left out, this reprolora has no data parallelism (reprolora.distributed)")
+        if importlib.util.find_spec("reprolora.training.distributed") is None:
+            print("\nWorld size 1 against 2: left out, this reprolora has no data parallelism (reprolora.training.distributed)")
             return
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "reprolora"]

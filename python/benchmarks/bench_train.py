@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from reprolora.pins import PROFILES
+from reprolora.core.pins import PROFILES
 
 PROFILE_STEPS = 2
 CEILING_SAMPLE = 12  # examples whose shapes the ceiling times, evenly spread over the job's lengths
@@ -60,7 +60,7 @@ CEILING_RUNS = 3  # each product's best of this many
 
 
 def job_config(base: str, profile: str, threads: int, max_steps: int) -> Any:
-    from reprolora import config as config_module
+    from reprolora.core import config as config_module
 
     config = config_module.load(None)
     return dataclasses.replace(config, profile=profile, threads=threads,
@@ -75,10 +75,10 @@ def peak_rss_mb() -> float:
 def child_reprolora(args: dict[str, Any]) -> dict[str, Any]:
     """`reprolora train` of the job, as the CLI runs it (eval, probes and publishing included in wall time)."""
     start = time.perf_counter()
-    from reprolora import pins
+    from reprolora.core import pins
 
     pins.apply(args["profile"], args["threads"])
-    from reprolora import train
+    from reprolora.training import train
 
     result = train.run(job_config(args["base"], args["profile"], args["threads"], args["max_steps"]), Path(args["out"]),
                        progress=False)
@@ -96,7 +96,7 @@ def child_trainer(args: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from reprolora import dataset
+    from reprolora.data import dataset
 
     torch.set_num_threads(args["threads"])
     config = job_config(args["base"], "native", args["threads"], args["max_steps"])
@@ -213,12 +213,12 @@ def best_seconds(fn: Callable[[], Any], runs: int) -> float:
 
 def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
     """Under native's pins: the job's model FLOPs, the matmul ceiling at its shapes, a profile of training steps."""
-    from reprolora import pins
+    from reprolora.core import pins
 
     pins.apply("native", args["threads"])
     import torch
 
-    from reprolora import distributed, train
+    from reprolora.training import distributed, train
 
     job = train.setup(job_config(args["base"], "native", args["threads"], args["max_steps"]))
     model, config = job.causal_lm, job.causal_lm.config
@@ -322,7 +322,7 @@ def print_rows(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
 
 def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
     if args.quick:
-        from reprolora import tiny
+        from reprolora.models import tiny
 
         return str(tiny.make_model(scratch / "tiny-model"))
     if args.base_model:

@@ -63,11 +63,12 @@ print(json.dumps(results))
 
 MODEL_CHILD = r"""
 import dataclasses, hashlib, json, sys
-from reprolora import pins
+from reprolora.core import pins
 profile, threads = sys.argv[1], int(sys.argv[2])
 pins.apply(profile, threads)
-from reprolora import base_model, train
-from reprolora import config as config_module
+from reprolora.models import base_model
+from reprolora.training import train
+from reprolora.core import config as config_module
 defaults = config_module.load(None)
 config = dataclasses.replace(defaults, profile=profile, threads=threads, base_model=dataclasses.replace(
     defaults.base_model, path=str(base_model.prepare_default())))

@@ -20,13 +20,13 @@ import sys
 
 CHILD = r"""
 import hashlib, json, sys, time
-from reprolora import pins
+from reprolora.core import pins
 threads, profile, base_dir, tiny_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 pins.apply(profile, threads)
 import torch
 import torch.nn.functional as F
-from reprolora import train
-from reprolora.optim import AdamW
+from reprolora.training import train
+from reprolora.training.optim import AdamW
 
 results = {}
 
@@ -96,7 +96,7 @@ for n in (9216, 40960, 921600):
     run(f"clip_grad_norm_ over {n}", lambda: [torch.nn.utils.get_total_norm([g], foreach=False)])
 
 import dataclasses
-from reprolora import config as cm
+from reprolora.core import config as cm
 for label, folder in (("tiny", tiny_dir), ("135M", base_dir)):
     if not folder:
         continue
@@ -123,7 +123,7 @@ def main() -> int:
     args = parser.parse_args()
     base = args.base_model
     if not base:
-        from reprolora import base_model
+        from reprolora.models import base_model
 
         base = str(base_model.prepare_default())
     runs = {}

@@ -1,3 +1,3 @@
-from reprolora.cli import main
+from reprolora.cli.main import main
 
 raise SystemExit(main())

@@ -11,9 +11,10 @@ import html
 from pathlib import Path
 from typing import Any
 
-from reprolora import diff, manifest
-from reprolora.canonical import sha256_file, write_file
-from reprolora.errors import ReproloraError
+from reprolora.audit import diff
+from reprolora.core import manifest
+from reprolora.core.canonical import sha256_file, write_file
+from reprolora.core.errors import ReproloraError
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 CSS = """

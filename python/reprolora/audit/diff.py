@@ -1,6 +1,6 @@
 """`reprolora diff A B`: where two adapter folders differ, by how much, and the most likely cause.
 
-Reads both manifests (reprolora.manifest) and the tensors of every safetensors file both folders hold. Tensors
+Reads both manifests (reprolora.core.manifest) and the tensors of every safetensors file both folders hold. Tensors
 are read with numpy straight from the safetensors header, bits and all, so a diff needs no torch and no pins.
 The verdict ranks the manifest's differences: a different base model or dataset first, then the job's config,
 then the pins the job chose (profile, threads), then the toolchain, then the machine (CPU capability, BLAS):
@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from reprolora import card, manifest
-from reprolora.canonical import sha256_file
-from reprolora.errors import ReproloraError
+from reprolora.audit import card
+from reprolora.core import manifest
+from reprolora.core.canonical import sha256_file
+from reprolora.core.errors import ReproloraError
 
 # safetensors dtype -> (numpy dtype of the stored bits, float dtype to compare values in, or None for integers)
 _DTYPES: dict[str, tuple[str, str | None]] = {

@@ -19,10 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from reprolora import __version__, adapter, base_model
-from reprolora import manifest as manifest_file
-from reprolora.canonical import canonical_json, sha256_bytes, sha256_file
-from reprolora.errors import ReproloraError
+from reprolora import __version__
+from reprolora.core import adapter
+from reprolora.models import base_model
+from reprolora.core import manifest as manifest_file
+from reprolora.core.canonical import canonical_json, sha256_bytes, sha256_file
+from reprolora.core.errors import ReproloraError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -235,7 +237,7 @@ def rebuild_problems(folder: Path, statement_: dict[str, Any], dataset: Path | N
 
     The inputs are checked against their attested sha256 first, so a wrong one fails at once, named.
     """
-    from reprolora.card import config_toml
+    from reprolora.audit.card import config_toml
 
     build = statement_["predicate"]["buildDefinition"]
     config = json.loads(json.dumps(build["externalParameters"]["config"]))

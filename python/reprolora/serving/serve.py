@@ -5,7 +5,7 @@ Routes (the ROUTES table): POST /v1/chat/completions, POST /v1/completions (both
 works against it (tests/test_chat.py).
 Greedy decoding only, and concurrent requests are decoded together (continuous batching) by one decode thread that
 owns the model and the tokenizer: handler threads submit requests to it and wait. The answer to a request still
-depends on nothing but the request: the engine (reprolora.generate) runs every step at a fixed number of rows and
+depends on nothing but the request: the engine (reprolora.decoding.generate) runs every step at a fixed number of rows and
 each request's attention on its own cache, so an answer is bit for bit the one it gets alone. Every error is a JSON
 body {"error": {"message", "type"}} with a 4xx/5xx status; tracebacks go to the server's stderr, never to a client.
 SIGTERM (or SIGINT) stops accepting connections, lets the requests already accepted finish, and exits 0.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from reprolora import infer
+from reprolora.decoding import infer
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class Decoder:
     alone), and steps every decoding job together until it ends (continuous batching)."""
 
     def __init__(self, model: infer.Model, limits: Limits, metrics: Metrics) -> None:
-        from reprolora import generate
+        from reprolora.decoding import generate
 
         self.model, self.limits, self.metrics = model, limits, metrics
         self.engine = generate.engine_for(model.causal_lm, model.tokenizer)
@@ -334,7 +334,7 @@ class Decoder:
 
     def _admit(self, job: Job) -> Any:
         """The job's sequence with its prompt run and first token chosen, or None when the job has ended already."""
-        from reprolora.generate import request_ids
+        from reprolora.decoding.generate import request_ids
 
         self.metrics.queue(-1)
         request = job.request

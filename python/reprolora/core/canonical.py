@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from reprolora.errors import ReproloraError
+from reprolora.core.errors import ReproloraError
 
 FILE_MODE = 0o644
 

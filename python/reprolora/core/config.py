@@ -15,9 +15,9 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
-from reprolora.errors import ReproloraError
-from reprolora.families import PRESETS
-from reprolora.pins import PROFILES
+from reprolora.core.errors import ReproloraError
+from reprolora.models.families import PRESETS
+from reprolora.core.pins import PROFILES
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -40,7 +40,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.1
-    # module names, or a preset of reprolora.families ("attention", "all-linear") that training expands per family
+    # module names, or a preset of reprolora.models.families ("attention", "all-linear") that training expands per family
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
@@ -76,7 +76,7 @@ class ProbesConfig:
 @dataclass(frozen=True)
 class Config:
     seed: int = 42
-    profile: str = "native"  # "native", "portable" or "portable-fast", see reprolora.pins
+    profile: str = "native"  # "native", "portable" or "portable-fast", see reprolora.core.pins
     threads: int = 2
     base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from reprolora.canonical import canonical_json, publish_dir, sha256_bytes, sha256_file, write_file
-from reprolora.errors import ReproloraError
+from reprolora.core.canonical import canonical_json, publish_dir, sha256_bytes, sha256_file, write_file
+from reprolora.core.errors import ReproloraError
 
 FORMAT = "reprolora-checkpoint/1"
 STATE_TENSORS = "state.safetensors"

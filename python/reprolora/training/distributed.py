@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from reprolora.errors import ReproloraError
+from reprolora.core.errors import ReproloraError
 
 
 class SingleProcess:

@@ -3,7 +3,7 @@
 `load` refuses any file whose sha256 differs from the adapter's manifest (adapter and base model), applies the
 determinism pins the manifest records, and only then imports torch. The model is loaded through
 `peft.PeftModel.from_pretrained`, the way any PEFT user would load the folder, and decoded with the same loop that
-wrote the golden probes at training (reprolora.generate.greedy), so `check_probes` can demand identical bits.
+wrote the golden probes at training (reprolora.decoding.generate.greedy), so `check_probes` can demand identical bits.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reprolora import adapter, base_model, manifest, pins
-from reprolora.canonical import sha256_file
-from reprolora.errors import ReproloraError
+from reprolora.core import adapter, manifest, pins
+from reprolora.models import base_model
+from reprolora.core.canonical import sha256_file
+from reprolora.core.errors import ReproloraError
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     import transformers
     from peft import PeftModel
 
-    from reprolora.model import load_model_and_tokenizer
+    from reprolora.models.loading import load_model_and_tokenizer
 
     transformers.utils.logging.disable_progress_bar()  # stderr is for what the user must read
     # peft 0.21 calls a transformers 5 method that transformers deprecates: noise, not news, for a user.
@@ -106,7 +107,7 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
 
 def prompt_tokens(model: Model, prompt: str | list[dict[str, str]]) -> int:
     """How many tokens `prompt` (one user message, or a conversation) takes once rendered, as decoding sees it."""
-    from reprolora.generate import request_ids
+    from reprolora.decoding.generate import request_ids
 
     return len(request_ids(model.tokenizer, prompt))
 
@@ -115,7 +116,7 @@ def complete(model: Model, prompt: str | list[dict[str, str]], max_new_tokens: i
              on_token: Any = None) -> Any:
     """Greedy completion of `prompt` (one user message, or a conversation; the chat template when the tokenizer has
     one). `on_token(ids)` is called after each generated token, for streaming."""
-    from reprolora.generate import greedy
+    from reprolora.decoding.generate import greedy
 
     return greedy(model.causal_lm, model.tokenizer, prompt, max_new_tokens, stop, on_token)
 
@@ -171,7 +172,7 @@ def check_probes(model: Model) -> list[ProbeCheck]:
 
 def environment_differences(model: Model) -> list[str]:
     """What about this machine differs from the training run's record: the usual reasons probes stop matching."""
-    from reprolora.model import toolchain
+    from reprolora.models.loading import toolchain
 
     notes = []
     recorded = model.manifest.pins.to_dict()

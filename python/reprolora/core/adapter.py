@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reprolora import manifest
-from reprolora.canonical import canonical_json, sha256_bytes, sha256_file, write_file
+from reprolora.core import manifest
+from reprolora.core.canonical import canonical_json, sha256_bytes, sha256_file, write_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +80,7 @@ def _derived_hash_problems(recorded: manifest.Manifest) -> list[str]:
     """Hashes the manifest states over its own content, recomputed: the loss trace's, and the name of an unnamed
     local base model (a hash of its files' hashes). The base model's files are checked where the folder is at
     hand (`infer`); the probes' logits by replaying them (`infer --check`)."""
-    from reprolora import base_model
+    from reprolora.models import base_model
 
     problems = []
     actual = sha256_bytes(canonical_json(recorded.loss_trace))

@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from reprolora import base_model
-from reprolora.errors import ReproloraError
+from reprolora.models import base_model
+from reprolora.core.errors import ReproloraError
 
 DTYPES = ("f32", "f16")
 # Hugging Face Llama tensor names -> llama.cpp's (gguf-py's tensor_mapping for LLM_ARCH_LLAMA).
@@ -148,7 +148,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
 
     if dtype not in DTYPES:
         raise ReproloraError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from reprolora.merge import read_manifest
+    from reprolora.export.merge import read_manifest
 
     manifest = read_manifest(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -1,6 +1,6 @@
 """Determinism pins: the environment that fixes CPU numerics, applied before torch is imported.
 
-torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Two profiles:
+torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Three profiles:
 - native:   this CPU's best instruction set (torch's own choice), and MKL in its strict conditional-numerical-
             reproducibility mode: same bytes on the same kind of CPU, at any thread count.
 - portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads, and MKL in its
@@ -8,7 +8,8 @@ torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Two p
 
 Measured (torch 2.11, same inputs, AMD Zen 5 here against an Intel Xeon with AVX-512): with MKL_CBWR=AVX2,
 MKL's matrix products and its vector math (exp, log, sqrt) differ between the two vendors; MKL_CBWR=COMPATIBLE
-makes every matrix product and exp/log identical, but MKL's sqrt still differs, so training.AdamW avoids it.
+makes every matrix product and exp/log identical, but MKL's sqrt still differs, so reprolora.training.optim.AdamW
+avoids it.
 Measured (torch 2.13, MKL 2024.2, Intel Xeon, the default model's shapes): MKL splits some matrix products
 between threads in a way that changes their bits (a [100x576]x[576x1536] product and its backward, the LoRA
 weight gradients); MKL_CBWR=AUTO,STRICT makes them, and the default model's micro-batch gradients, the same at 1
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reprolora.errors import ReproloraError
+from reprolora.core.errors import ReproloraError
 
 PROFILES = ("native", "portable", "portable-fast")
 

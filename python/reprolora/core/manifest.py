@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reprolora.canonical import canonical_json, file_entry, write_file
-from reprolora.errors import ReproloraError
+from reprolora.core.canonical import canonical_json, file_entry, write_file
+from reprolora.core.errors import ReproloraError
 
 FILENAME = "manifest.json"
 FORMAT = "reprolora-manifest/1"
@@ -69,7 +69,7 @@ class Dataset:
 class Inputs:
     base_model: BaseModel
     dataset: Dataset
-    config: dict[str, Any]  # the resolved job config (reprolora.config.Config.to_dict), inputs named by content
+    config: dict[str, Any]  # the resolved job config (reprolora.core.config.Config.to_dict), inputs named by content
 
     def to_dict(self) -> dict[str, Any]:
         return {"base_model": self.base_model.to_dict(), "dataset": self.dataset.to_dict(), "config": self.config}
@@ -77,7 +77,7 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Pins:
-    """What fixed the numerics (reprolora.pins.describe())."""
+    """What fixed the numerics (reprolora.core.pins.describe())."""
 
     profile: str
     threads: int
@@ -150,7 +150,7 @@ _PIN_KEYS = ("profile", "threads", "machine", "environment", "cpu_capability", "
 
 
 def pins_from_dict(raw: dict[str, Any]) -> Pins:
-    """Pins from reprolora.pins.describe()'s dict."""
+    """Pins from reprolora.core.pins.describe()'s dict."""
     try:
         return _pins(raw)
     except _Invalid as e:
@@ -210,7 +210,7 @@ def _from_dict(raw: Any) -> Manifest:
 
 
 def read(folder: Path) -> Manifest:
-    """FOLDER/manifest.json, checked for shape (not for hashes: that is reprolora.adapter.verify)."""
+    """FOLDER/manifest.json, checked for shape (not for hashes: that is reprolora.core.adapter.verify)."""
     folder = Path(folder)
     path = folder / FILENAME
     if not folder.is_dir():

@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from reprolora import adapter, base_model
-from reprolora import manifest as manifest_file
-from reprolora.canonical import canonical_json, file_entry, sha256_bytes, write_file
-from reprolora.errors import ReproloraError
+from reprolora.core import adapter
+from reprolora.models import base_model
+from reprolora.core import manifest as manifest_file
+from reprolora.core.canonical import canonical_json, file_entry, sha256_bytes, write_file
+from reprolora.core.errors import ReproloraError
 
 CARD = "README.md"
 # The default model's Hugging Face id; its license is the one the card states for adapters trained on it.
@@ -200,7 +201,7 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
 
 def write_card(folder: Path, body: Any) -> None:
     """Write README.md into a folder being published, from the manifest `body` and the files already there."""
-    if hasattr(body, "to_dict"):  # a reprolora.manifest.Manifest
+    if hasattr(body, "to_dict"):  # a reprolora.core.manifest.Manifest
         body = body.to_dict()
     files = {child.name: file_entry(child) for child in sorted(folder.iterdir())
              if child.name not in (CARD, manifest_file.FILENAME)}

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from reprolora.errors import ReproloraError
+from reprolora.core.errors import ReproloraError
 
 if TYPE_CHECKING:
-    from reprolora.config import Config
+    from reprolora.core.config import Config
 
 PRESETS = ("attention", "all-linear")
 

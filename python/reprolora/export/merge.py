@@ -17,10 +17,10 @@ from typing import Any
 
 import json
 
-from reprolora import manifest as manifest_file
-from reprolora import pins
-from reprolora.canonical import canonical_json, file_entry, publish_dir, sha256_file, write_file
-from reprolora.errors import ReproloraError
+from reprolora.core import manifest as manifest_file
+from reprolora.core import pins
+from reprolora.core.canonical import canonical_json, file_entry, publish_dir, sha256_file, write_file
+from reprolora.core.errors import ReproloraError
 
 WEIGHTS = "model.safetensors"
 FORMAT = "reprolora-merged/1"
@@ -54,7 +54,7 @@ def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]]) -
     """The logits of each probe's prompt followed by its recorded answer, in one forward pass each."""
     import torch
 
-    from reprolora.dataset import prompt_ids
+    from reprolora.data.dataset import prompt_ids
 
     result = []
     with torch.inference_mode():
@@ -66,7 +66,7 @@ def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]]) -
 
 def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[str, Any]:
     """Write the merged model folder `out`; returns what was measured (also recorded in its manifest)."""
-    from reprolora import infer
+    from reprolora.decoding import infer
 
     adapter_dir = Path(adapter_dir)
     recorded, base_folder = infer.check_inputs(adapter_dir, base_dir)
@@ -78,8 +78,8 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from reprolora.generate import greedy
-    from reprolora.model import load_model_and_tokenizer, toolchain
+    from reprolora.decoding.generate import greedy
+    from reprolora.models.loading import load_model_and_tokenizer, toolchain
 
     base, tokenizer = load_model_and_tokenizer(base_folder)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

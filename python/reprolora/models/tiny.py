@@ -2,7 +2,7 @@
 
 For the fast tests and for `reprolora reprotest --quick`, which trains the Llama one.
 
-The Llama model is the suite's default; FAMILIES make one of each supported family (reprolora.families), each
+The Llama model is the suite's default; FAMILIES make one of each supported family (reprolora.models.families), each
 with a tokenizer set up as its real models' are: ChatML and a pad token (Qwen2), a template that starts with the
 BOS token and no pad token (Mistral), no chat template and no pad token, one <|endoftext|> for BOS and EOS (GPT-2,
 GPT-NeoX).

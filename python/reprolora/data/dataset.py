@@ -15,8 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from reprolora.canonical import sha256_bytes
-from reprolora.errors import ReproloraError
+from reprolora.core.canonical import sha256_bytes
+from reprolora.core.errors import ReproloraError
 
 IGNORE = -100  # label of a token the loss skips (prompt, template, padding)
 ROLES = ("system", "user", "assistant")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from reprolora import manifest
-from reprolora.canonical import sha256_file
-from reprolora.errors import ReproloraError
+from reprolora.core import manifest
+from reprolora.core.canonical import sha256_file
+from reprolora.core.errors import ReproloraError
 
 # A working directory a careless path join or shell quoting would break: spaces, accents, Turkish dotless i.
 ODD_DIRECTORY = "a dir with spaces, ünïcödé and ığüşöç"
@@ -130,7 +130,7 @@ def _folder_bytes(folder: Path) -> dict[str, tuple[str, int]]:
 
 def run(train_args: list[str], variations: list[str], work: Path, report: Callable[[Row], None] = lambda row: None) -> list[Row]:
     """Train with `train_args` (absolute paths; -o is added) once per variation, each in a fresh process."""
-    from reprolora import diff
+    from reprolora.audit import diff
 
     rows: list[Row] = []
     reference: Path | None = None
@@ -170,10 +170,10 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
 
 
 def quick_job(work: Path) -> list[str]:
-    """The tiny model, dataset and job (reprolora.tiny) written into `work`; returns the train arguments."""
+    """The tiny model, dataset and job (reprolora.models.tiny) written into `work`; returns the train arguments."""
     import transformers
 
-    from reprolora import tiny
+    from reprolora.models import tiny
 
     transformers.utils.logging.disable_progress_bar()  # the table is the output
     model = tiny.make_model(work / "tiny-model")
@@ -184,7 +184,8 @@ def quick_job(work: Path) -> list[str]:
 
 def job(config: str | None, base_model_dir: str | None, dataset: str | None) -> list[str]:
     """Train arguments for a user's job, paths made absolute; the default base model is prepared here once."""
-    from reprolora import base_model, config as config_module
+    from reprolora.models import base_model
+    from reprolora.core import config as config_module
 
     args = []
     if config:
