@@ -57,14 +57,12 @@ JOB_FLAKE = """\
       # The same image with a label that claims other bytes: its build must fail.
       image-lying-label = self.packages.{system}.image.override {{ adapterSha256 = "{zeros}"; }};
     }};
-    # The flake's own checks file, on the tiny job.
+    # The flake's own checks file, on the tiny job: the pytest check runs the whole fast suite, as in GitHub's
+    # `nix flake check`.
     checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
       inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
-      # Two files of the fast suite (all of it runs in GitHub's `nix flake check`, and here outside Nix).
-      pytestArgs = [ "-m" "not slow and not nix" "tests/test_config.py" "tests/test_gguf_extra.py" ];
       inherit (reprolora.packages.{system}) reprolora;
       inherit (self.packages.{system}) adapter infer;
-      src = reprolora;
     }};
   }};
 }}

@@ -115,18 +115,21 @@ def test_every_package_says_what_it_is(shim_env):
     assert meta["base-model"]["homepage"] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_nix_package_declares_the_dependencies_of_pyproject_and_only_the_base_model_gguf():
+def test_nix_package_declares_the_dependencies_and_extras_of_pyproject_and_only_the_base_model_uses_gguf():
     pyproject = tomllib.loads((nixtest.REPO / "python" / "pyproject.toml").read_text())["project"]
 
     def names(requirements: list[str]) -> set[str]:
         return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
 
     nix = (nixtest.REPO / "pkgs" / "reprolora.nix").read_text()
-    block = re.search(r"dependencies = with python3Packages; \[(.*?)\];", nix, re.S).group(1)
+    block = re.search(r"\n  dependencies = \[(.*?)\];", nix, re.S).group(1)
     assert set(block.split()) == names(pyproject["dependencies"])
-    assert names(pyproject["optional-dependencies"]["gguf"]) == {"gguf"}
-    assert "python3Packages.gguf" in (nixtest.REPO / "pkgs" / "base-model.nix").read_text()
-    for other in ("adapter", "infer", "image", "checks"):
+    extras = re.search(r"\n  optional-dependencies = \{(.*?)\n  \};", nix, re.S).group(1)
+    for extra, packages in re.findall(r"(\S+) = \[(.*?)\];", extras):
+        assert set(packages.split()) == names(pyproject["optional-dependencies"][extra]), extra
+    assert "with python3Packages" not in nix  # called with python3Packages.callPackage, arguments explicit
+    assert "reprolora.optional-dependencies.gguf" in (nixtest.REPO / "pkgs" / "base-model.nix").read_text()
+    for other in ("adapter", "infer", "image"):
         assert "gguf" not in (nixtest.REPO / "pkgs" / f"{other}.nix").read_text(), other
 
 
