@@ -263,3 +263,43 @@ def test_the_expected_file_check_catches_a_wrong_file(tmp_path):
 def test_committed_expected_hashes_are_sha256sum_lines_of_the_adapter_files():
     problems = [expected_file_problem(path) for path in sorted((nixtest.REPO / "expected").glob("*.sha256"))]
     assert not [p for p in problems if p], problems
+
+
+CHECK_CLOSURE = nixtest.REPO / ".github" / "scripts" / "check-closure.sh"
+CHECK_LOWER_BOUNDS = nixtest.REPO / ".github" / "scripts" / "check-lower-bounds.py"
+
+
+def closure_check(*names: str) -> subprocess.CompletedProcess:
+    paths = "".join(f"{store_path(name)}\n" for name in names)
+    return subprocess.run(["sh", str(CHECK_CLOSURE)], input=paths, capture_output=True, text=True)
+
+
+def test_closure_check_passes_a_runtime_closure_with_gcc_runtime_libraries():
+    result = closure_check("python3-3.13.5", "python3.13-torch-2.11.0", "gcc-14.3.0-lib", "gcc-14.3.0-libgcc",
+                           "openblas-0.3.32", "glibc-2.40-66", "reprolora-runtime-0.1.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["gcc-14.3.0", "gcc-wrapper-14.3.0", "binutils-2.44", "binutils-wrapper-2.44",
+                                  "python3.13-pyside6-6.9.1", "qtbase-6.9.1", "cuda_cudart-12.8.90",
+                                  "libcublas-12.8.4.1-lib"])
+def test_closure_check_fails_on_a_build_tool_qt_or_cuda(name):
+    result = closure_check("python3-3.13.5", name, "gcc-14.3.0-lib")
+    assert result.returncode == 1 and "::error::" in result.stdout
+    assert result.stdout.splitlines()[0] == store_path(name)
+
+
+def test_lower_bounds_check_compares_the_installed_versions_with_pyproject(tmp_path):
+    passes = subprocess.run([sys.executable, str(CHECK_LOWER_BOUNDS), str(nixtest.REPO / "python" / "pyproject.toml"),
+                             "gguf"], capture_output=True, text=True)
+    assert passes.returncode == 0, passes.stdout + passes.stderr
+    assert "gguf " in passes.stdout and "torch " in passes.stdout
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torch>=99", "numpy>=1.26"]\n'
+                         '[project.optional-dependencies]\ngguf = ["not-installed-here>=1"]\n')
+    fails = subprocess.run([sys.executable, str(CHECK_LOWER_BOUNDS), str(pyproject), "gguf"],
+                           capture_output=True, text=True)
+    assert fails.returncode == 1
+    assert "outside >=99" in fails.stdout and "not-installed-here: not installed" in fails.stdout
+    assert "numpy" in fails.stdout and "ok >=1.26" in fails.stdout

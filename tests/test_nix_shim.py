@@ -26,8 +26,10 @@ def gguf_environment(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("shim")
     env = nixtest.nix_env(tmp_path)
     shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
-    expr = (f'(builtins.getFlake "path:{shim}").legacyPackages.{nixtest.nix_system()}'
-            ".python3Packages.python.withPackages (ps: [ ps.gguf ])")
+    expr = (
+        f'(builtins.getFlake "path:{shim}").legacyPackages.{nixtest.nix_system()}'
+        ".python3Packages.python.withPackages (ps: [ ps.gguf ])"
+    )
     result = nixtest.nix(["build", "--impure", "--expr", expr, "--out-link", str(tmp_path / "env")], env)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / "env" / "bin" / "python"
@@ -56,8 +58,15 @@ def test_with_packages_fails_to_import_an_unlisted_package(gguf_environment, mod
 
 
 def test_with_packages_python_ignores_the_host_site_packages(gguf_environment):
-    paths = subprocess.run([str(gguf_environment), "-c", "import sys; print('\\n'.join(sys.path))"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    paths = subprocess.run(
+        [str(gguf_environment), "-c", "import sys; print('\\n'.join(sys.path))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     site = [path for path in paths if path.endswith("site-packages")]
-    assert site == [str(gguf_environment.parents[1] / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
-                        / "site-packages")], paths
+    assert site == [
+        str(
+            gguf_environment.parents[1] / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+        )
+    ], paths
