@@ -29,6 +29,7 @@
             baseModel = self'.callPackage ./pkgs/base-model.nix { };
             dataset = self'.callPackage ./pkgs/dataset.nix { };
             adapter = self'.callPackage ./pkgs/adapter.nix { };
+            runtime = self'.callPackage ./pkgs/runtime.nix { };
             infer = self'.callPackage ./pkgs/infer.nix { };
             image = self'.callPackage ./pkgs/image.nix {
               inherit sourceUrl;

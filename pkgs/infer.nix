@@ -4,7 +4,7 @@
 {
   lib,
   writeShellApplication,
-  reprolora,
+  runtime,
   baseModel,
   adapter,
 }:
@@ -22,8 +22,8 @@ writeShellApplication {
     export PYTHONDONTWRITEBYTECODE=1
     if [ "''${1:-}" = serve ]; then
       shift
-      exec ${lib.getExe reprolora} serve ${adapter} --base-model ${baseModel} --host 0.0.0.0 --port 8000 "$@"
+      exec ${lib.getExe runtime} serve ${adapter} --base-model ${baseModel} --host 0.0.0.0 --port 8000 "$@"
     fi
-    exec ${lib.getExe reprolora} infer ${adapter} --base-model ${baseModel} "$@"
+    exec ${lib.getExe runtime} infer ${adapter} --base-model ${baseModel} "$@"
   '';
 }

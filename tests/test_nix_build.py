@@ -114,6 +114,15 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
     build = nixtest.nix(["build", "-L", f"path:{job}#infer", "--out-link", str(tmp_path / "infer")], env)
     assert build.returncode == 0, build.stderr[-6000:]
     wrapper = str(tmp_path / "infer" / "bin" / "reprolora-infer")
+    # It runs pkgs/runtime.nix's copy of the library, not the library's own store path (whose closure, in nixpkgs,
+    # holds the compiler torch names), and the closure check CI runs passes.
+    closure = nixtest.nix(["path-info", "-r", str(tmp_path / "infer")], env)
+    assert closure.returncode == 0, closure.stderr
+    names = [path.split("-", 1)[1] for path in closure.stdout.split()]
+    assert "reprolora-runtime-0.1.0" in names and "python-reprolora-0.1.0" not in names, names
+    check_closure = subprocess.run(["sh", str(nixtest.REPO / ".github" / "scripts" / "check-closure.sh")],
+                                   input=closure.stdout, capture_output=True, text=True)
+    assert check_closure.returncode == 0, check_closure.stdout
 
     check = subprocess.run([wrapper, "--check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -58,6 +58,7 @@ rec {
     prev // overlay final prev;
 
   inherit (builtins) mapAttrs attrValues concatLists;
+  concatMapStringsSep = separator: f: list: builtins.concatStringsSep separator (map f list);
   concatMap = f: list: builtins.concatLists (map f list);
   hasPrefix = prefix: string: builtins.substring 0 (builtins.stringLength prefix) string == prefix;
 

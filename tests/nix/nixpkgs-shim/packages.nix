@@ -59,6 +59,8 @@ let
 
   interpreter = host.python;
 
+  buildTool = name: runCommand name { } "mkdir -p $out/bin";
+
   # A distribution installed in the host Python, by its normalized name: what host.nix read of its metadata (its
   # top-level files and the dependencies it declares) decides what an environment of it holds.
   hostPackage =
@@ -211,7 +213,12 @@ let
     python = {
       inherit interpreter withPackages;
       inherit (host) sitePackages;
+      version = host.pythonVersion;
+      # The base interpreter's prefix, outside the store: `${python}/bin` names its bin/.
+      outPath = dirOf (dirOf host.basePython);
     };
+    # Like nixpkgs': the Python packages these need, themselves included; here the ones built in the store.
+    requiredPythonModules = packages: builtPackages (packages ++ lib.concatMap (p: p.dependencies or [ ]) packages);
   }
   // lib.genAttrs [
     "cryptography"
@@ -249,6 +256,30 @@ let
   packageSet = {
     inherit lib runCommand writeShellApplication python3Packages;
     runtimeShell = shell;
+    # Like nixpkgs' removeReferencesTo: `remove-references-to -t PATH... FILE...` overwrites each store path's
+    # hash in the files with e's (the files keep their length).
+    removeReferencesTo = runCommand "remove-references-to" { } ''
+      mkdir -p $out/bin
+      cat > $out/bin/remove-references-to <<'SCRIPT'
+      #!/bin/sh
+      set -eu
+      expressions=""
+      while [ "''${1:-}" = -t ]; do
+        hash=$(basename "$2" | cut -c1-32)
+        expressions="$expressions -e s|$NIX_STORE/$hash|$NIX_STORE/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee|g"
+        shift 2
+      done
+      for file in "$@"; do sed -i $expressions "$file"; done
+      SCRIPT
+      chmod +x $out/bin/remove-references-to
+    '';
+
+    # Stand-ins for the build tools pkgs/runtime.nix keeps out of the infer closure: empty, but store paths, so
+    # that a reference to one fails the build as in nixpkgs.
+    binutils = buildTool "binutils-wrapper-2.44" // {
+      bintools = buildTool "binutils-2.44";
+    };
+
     # Like nixpkgs' newScope, for lib.makeScope: callPackage with these extra arguments.
     newScope = extra: lib.callPackageWith (packageSet // extra);
 
@@ -276,8 +307,13 @@ let
           outputHash = hash;
         };
 
-    # Only what pkgs/image.nix reads of it: no compilers here.
-    stdenv.hostPlatform = { inherit system; };
+    # What pkgs/image.nix and pkgs/runtime.nix read of it: the platform, and the compiler as a stand-in.
+    stdenv = {
+      hostPlatform = { inherit system; };
+      cc = buildTool "gcc-wrapper-14.3.0" // {
+        cc = buildTool "gcc-14.3.0";
+      };
+    };
 
     # Like nixpkgs' mkShell, for `nix develop`: its environment is `packages`' bin/ on PATH (no stdenv, so no
     # compilers and no setup hooks), and `shellHook`. `nix develop` wants a builder named bash: the host's.
