@@ -51,8 +51,9 @@
       export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
       export PYTHONDONTWRITEBYTECODE=1
       python -c 'import os, reprolora; path = os.path.realpath(reprolora.__file__); assert path.startswith("${reprolora}/"), path'
-      python -m pytest -p no:cacheprovider ${lib.escapeShellArgs pytestArgs}
-      touch $out
+      # The result is pytest's report.
+      python -m pytest -p no:cacheprovider ${lib.escapeShellArgs pytestArgs} > $out 2>&1 || { cat $out; exit 1; }
+      cat $out
     '';
 
   # A second, independent derivation (another name, so another store path) trains the same adapter again;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,15 @@ JOB_FLAKE = """\
   inputs.reprolora.url = "git+file://{repo}";
   inputs.reprolora.inputs.nixpkgs.follows = "nixpkgs";
 
-  outputs = {{ self, nixpkgs, reprolora, ... }}: {{
+  outputs = {{ self, nixpkgs, reprolora, ... }}:
+  let
+    checks = pytestArgs: import "${{reprolora}}/pkgs/checks.nix" {{
+      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
+      inherit (reprolora.packages.{system}) reprolora;
+      inherit (self.packages.{system}) adapter infer;
+      inherit pytestArgs;
+    }};
+  in {{
     packages.{system} = {{
       adapter = reprolora.packages.{system}.adapter.override {{
         baseModel = ./model;
@@ -57,12 +66,21 @@ JOB_FLAKE = """\
       # The same image with a label that claims other bytes: its build must fail.
       image-lying-label = self.packages.{system}.image.override {{ adapterSha256 = "{zeros}"; }};
     }};
-    # The flake's own checks file, on the tiny job: the pytest check runs the whole fast suite, as in GitHub's
-    # `nix flake check`.
-    checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
-      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
-      inherit (reprolora.packages.{system}) reprolora;
-      inherit (self.packages.{system}) adapter infer;
+    # The flake's own checks file, on the tiny job. Its pytest check runs the whole fast suite in GitHub's
+    # `nix flake check`; here (where that takes over 25 minutes in the sandbox) every test module of the suite is
+    # collected, so each imports under the check's environment, and one test runs for each kind of thing the check
+    # must provide: what tests read outside tests/ (the pip lock and pyproject, python/benchmarks) and the
+    # packages beyond the library's dependencies (gguf, cryptography, openai).
+    checks.{system} = checks [
+      "-m" "not slow and not nix and not arm64"
+      "tests/test_config.py"
+      "tests/test_pip_lock.py::test_lock_pins_every_requirement_with_its_hashes"
+      "tests/test_decode.py::test_bench_infer_quick_runs"
+      "tests/test_merge.py::test_gguf_reads_back_as_the_merged_weights"
+      "tests/test_publish.py::test_verify_attestation_passes_and_fails_with_a_wrong_key"
+      "tests/test_chat.py::test_unknown_model_and_route_come_from_the_route_table"
+    ] // {{
+      pytest-collect = (checks [ "--collect-only" "-q" "-m" "not slow and not nix and not arm64" "tests" ]).pytest;
     }};
   }};
 }}
@@ -135,13 +153,32 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
 
 def test_flake_checks_build(tiny_job_flake, tmp_path):
     """pkgs/checks.nix as `nix flake check` builds it: the adapter built twice and compared, the infer wrapper
-    run, and the pytest check (the Nix-built library in python.withPackages, the tests without python/), here on
-    two test files."""
+    run, and the pytest check (the Nix-built library in python.withPackages of it, its extras and what the tests
+    import, nothing else; the tests without the library's sources): the whole fast suite collected, a test of each
+    thing the check provides run, none skipped."""
     job, env = tiny_job_flake
     system = nixtest.nix_system()
-    result = nixtest.nix(["build", "-L", "--no-link", f"path:{job}#checks.{system}.adapter-reproducible",
-                          f"path:{job}#checks.{system}.infer-runs", f"path:{job}#checks.{system}.pytest"], env)
-    assert result.returncode == 0, result.stderr[-6000:]  # pytest fails the build on a failure or no test run
+    for check in ("adapter-reproducible", "infer-runs", "pytest", "pytest-collect"):
+        result = nixtest.nix(["build", "-L", f"path:{job}#checks.{system}.{check}", "--out-link",
+                              str(tmp_path / check)], env)
+        assert result.returncode == 0, f"{check}:\n{result.stderr[-6000:]}"  # pytest fails the build on a failure
+
+    summary = (tmp_path / "pytest").read_text().rstrip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+    # Every test module imports in the check's environment: as many tests as the Python running these collects
+    # (a module whose import fails, or that skips itself for a missing package, would collect fewer or error).
+    args = ["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "not slow and not nix and not arm64", "tests"]
+    here = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=nixtest.REPO, capture_output=True, text=True)
+    in_check = (tmp_path / "pytest-collect").read_text()
+    assert collected(in_check) == collected(here.stdout) > 0, in_check[-2000:]
+
+
+def collected(report: str) -> int:
+    """The number of tests `pytest --collect-only -q` selected, from its last line (`N/M tests collected (K
+    deselected) ...` or `N tests collected ...`)."""
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", report)
+    assert match, report[-2000:]
+    return int(match.group(1))
 
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check
