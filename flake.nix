@@ -24,7 +24,7 @@
       reproloraPackages =
         pkgs:
         let
-          scope = lib.makeScope pkgs.newScope (self': {
+          scope = pkgs.lib.makeScope pkgs.newScope (self': {
             reprolora = pkgs.python3Packages.callPackage ./pkgs/reprolora.nix { };
             baseModel = self'.callPackage ./pkgs/base-model.nix { };
             dataset = self'.callPackage ./pkgs/dataset.nix { };

@@ -303,3 +303,37 @@ def test_lower_bounds_check_compares_the_installed_versions_with_pyproject(tmp_p
     assert fails.returncode == 1
     assert "outside >=99" in fails.stdout and "not-installed-here: not installed" in fails.stdout
     assert "numpy" in fails.stdout and "ok >=1.26" in fails.stdout
+
+
+@needs_nix
+def test_overriding_the_scope_reaches_the_adapter_the_infer_wrapper_and_the_image(shim_env):
+    """overlays.default gives nixpkgs the package set; one overrideScope of the base model changes every package
+    built from it, exactly as overriding each by hand would."""
+    override, env = shim_env
+    system = nixtest.nix_system()
+    expr = f"""
+      let
+        flake = builtins.getFlake "git+file://{nixtest.REPO}";
+        pkgs = (builtins.getFlake "{{shim}}").legacyPackages.{system};
+        final = pkgs // flake.overlays.default final pkgs;
+        original = final.reproloraPackages;
+        otherModel = pkgs.runCommand "other-model" {{ }} "mkdir $out";
+        scoped = original.overrideScope (_: _: {{ baseModel = otherModel; }});
+        byHand = rec {{
+          adapter = original.adapter.override {{ baseModel = otherModel; }};
+          infer = original.infer.override {{ inherit adapter; baseModel = otherModel; }};
+          image = original.image.override {{ inherit adapter; baseModel = otherModel; }};
+        }};
+        drv = p: builtins.unsafeDiscardStringContext p.drvPath;
+      in
+      {{
+        differs = builtins.map (name: drv scoped.${{name}} != drv original.${{name}}) [ "adapter" "infer" "image" ];
+        sameAsByHand = builtins.map (name: drv scoped.${{name}} == drv byHand.${{name}}) [ "adapter" "infer" "image" ];
+        adapterModel = scoped.adapter.baseModel.name;
+      }}
+    """
+    expr = expr.replace("{shim}", override[2])
+    result = nixtest.nix(["eval", "--json", "--impure", "--expr", expr], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"differs": [True] * 3, "sameAsByHand": [True] * 3,
+                                         "adapterModel": "other-model"}
