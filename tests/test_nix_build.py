@@ -287,8 +287,8 @@ def test_dev_shell_imports_the_library_from_the_source_tree_and_runs_its_tests(t
     shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
     override = ["--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"]
     develop = ["develop", f"git+file://{nixtest.REPO}", *override, "--command"]
-    where = nixtest.nix([*develop, "sh", "-c", "command -v python; python -c 'import reprolora; print(reprolora.__file__)'"],
-                        env, cwd=nixtest.REPO)
+    where_script = "command -v python; python -c 'import reprolora; print(reprolora.__file__)'"
+    where = nixtest.nix([*develop, "sh", "-c", where_script], env, cwd=nixtest.REPO)
     assert where.returncode == 0, where.stderr[-3000:]
     python, library = where.stdout.split()
     assert python.startswith("/nix/store/") and python.endswith("-python3-env/bin/python"), python
