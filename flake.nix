@@ -1,5 +1,5 @@
 {
-  description = "reprolora: LoRA fine-tuning on CPU whose adapter is bit-identical wherever it is rebuilt";
+  description = "LoRA fine-tuning on CPU whose adapter is bit-identical wherever it is rebuilt";
 
   # The whole toolchain (Python, torch, transformers, peft, ...) comes from this one pin: see flake.lock.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
@@ -7,67 +7,68 @@
   outputs =
     { self, nixpkgs }:
     let
+      inherit (nixpkgs) lib;
       systems = [
         "x86_64-linux"
         "aarch64-linux"
       ];
-      forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       # Where this repository is published, for the image's org.opencontainers.image.source label (left out
       # while null).
       sourceUrl = null;
 
-      # One file per package under pkgs/, wired like nixpkgs' callPackage: each argument a file names comes
-      # from this set or from nixpkgs, and every result has `.override`, e.g.
-      #   adapter.override { dataset = ./my.jsonl; trainConfig = ./my.toml; baseModel = ./my-hf-folder; }
+      # The package set, one lib.makeScope: each file under pkgs/ gets its arguments from the set, then from
+      # nixpkgs. Every package has `.override`, and `overrideScope` replaces a member for everything built from
+      # it, e.g. another base model for the adapter, the infer wrapper and the image at once:
+      #   (reproloraPackages pkgs).overrideScope (final: prev: { baseModel = ./my-hf-folder; })
       reproloraPackages =
         pkgs:
         let
-          callPackage = pkgs.lib.callPackageWith (pkgs // ours);
-          # For a file that returns a set of packages: the set itself gets no `.override`, which
-          # `nix flake check` would take for a check.
-          callPackages = pkgs.lib.callPackagesWith (pkgs // ours);
-          ours = {
-            reprolora = callPackage ./pkgs/reprolora.nix { };
-            baseModel = callPackage ./pkgs/base-model.nix { };
-            dataset = callPackage ./pkgs/dataset.nix { };
-            adapter = callPackage ./pkgs/adapter.nix { };
-            infer = callPackage ./pkgs/infer.nix { };
-            image = callPackage ./pkgs/image.nix {
+          scope = pkgs.lib.makeScope pkgs.newScope (self': {
+            reprolora = pkgs.python3Packages.callPackage ./pkgs/reprolora.nix { };
+            baseModel = self'.callPackage ./pkgs/base-model.nix { };
+            dataset = self'.callPackage ./pkgs/dataset.nix { };
+            adapter = self'.callPackage ./pkgs/adapter.nix { };
+            runtime = self'.callPackage ./pkgs/runtime.nix { };
+            infer = self'.callPackage ./pkgs/infer.nix { };
+            image = self'.callPackage ./pkgs/image.nix {
               inherit sourceUrl;
               revision = self.rev or "dirty";
-              defaultAdapter = ours.adapter;
+              # The flake's own adapter, whose bytes expected/ records, whatever a scope override replaces.
+              defaultAdapter = scope.adapter;
             };
-            checks = callPackages ./pkgs/checks.nix { src = self; };
-          };
+          });
         in
-        ours;
+        scope;
+
+      # Evaluated once per system; every output of a system reads the same set.
+      scopes = lib.genAttrs systems (system: reproloraPackages nixpkgs.legacyPackages.${system});
+      forAllSystems = f: lib.mapAttrs (system: f nixpkgs.legacyPackages.${system}) scopes;
     in
     {
+      # pkgs.reproloraPackages in another nixpkgs: `nixpkgs.overlays = [ reprolora.overlays.default ];`
+      overlays.default = final: _prev: { reproloraPackages = reproloraPackages final; };
+
       packages = forAllSystems (
-        pkgs:
-        let
-          ours = reproloraPackages pkgs;
-        in
-        {
-          inherit (ours)
+        _: scope: {
+          inherit (scope)
             reprolora
             dataset
             adapter
             infer
             image
             ;
-          base-model = ours.baseModel;
-          default = ours.adapter;
+          base-model = scope.baseModel;
+          default = scope.adapter;
         }
       );
 
       apps = forAllSystems (
-        pkgs:
+        _: scope:
         let
           infer = {
             type = "app";
-            program = "${(reproloraPackages pkgs).infer}/bin/reprolora-infer";
+            program = lib.getExe scope.infer;
             meta.description = "Answer a prompt with the base model and the adapter baked in";
           };
         in
@@ -77,25 +78,30 @@
         }
       );
 
-      checks = forAllSystems (pkgs: (reproloraPackages pkgs).checks);
+      # A set of derivations, not a package: callPackagesWith gives each its own `.override` and the set none,
+      # which `nix flake check` would take for a check.
+      checks = forAllSystems (pkgs: scope: lib.callPackagesWith (pkgs // scope) ./pkgs/checks.nix { });
 
-      # `nix develop`: the pinned Python with the library's dependencies and pytest; the library itself from the
-      # source tree (python/ on PYTHONPATH), so that edits need no rebuild:
+      # `nix develop`: the pinned Python with the library's dependencies and everything the tests import; the
+      # library itself from the source tree (python/ on PYTHONPATH), so that edits need no rebuild:
       #   python -c 'import reprolora'; python -m pytest tests -m "not slow and not nix"
       devShells = forAllSystems (
-        pkgs:
-        let
-          inherit (reproloraPackages pkgs) reprolora;
-        in
-        {
+        pkgs: scope: {
           default = pkgs.mkShell {
             packages = [
               (pkgs.python3Packages.python.withPackages (
-                ps: reprolora.dependencies ++ [ ps.gguf ps.pytest ]
+                ps:
+                scope.reprolora.dependencies
+                ++ lib.concatLists (lib.attrValues scope.reprolora.optional-dependencies)
+                ++ [
+                  ps.pytest
+                  ps.cryptography
+                  ps.openai
+                ]
               ))
             ];
             shellHook = ''
-              if [ -f python/reprolora/__init__.py ]; then
+              if [ -f python/pyproject.toml ]; then
                 export PYTHONPATH="$PWD/python''${PYTHONPATH:+:$PYTHONPATH}"
               else
                 echo "nix develop: run it from the repository's root to import reprolora from python/" >&2
@@ -105,6 +111,6 @@
         }
       );
 
-      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
+      formatter = forAllSystems (pkgs: _: pkgs.nixfmt-tree);
     };
 }

@@ -19,7 +19,7 @@ runCommand "reprolora-adapter"
     inherit baseModel dataset trainConfig;
     passthru = { inherit baseModel dataset trainConfig; };
     meta = {
-      description = "A LoRA adapter trained by reprolora: adapter_model.safetensors, adapter_config.json, manifest.json";
+      description = "LoRA adapter trained by reprolora: adapter_model.safetensors, adapter_config.json, manifest.json";
       license = lib.licenses.asl20;
     };
   }

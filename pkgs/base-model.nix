@@ -17,13 +17,12 @@ let
     hash = "sha256-vMgYMNEM59nnZkDK2Cakt57T5FR8eKC+XE8vsOJEjHA=";
   };
 
-  # The library with its `gguf` extra: the only place that reads GGUF files, so gguf (and the Qt nixpkgs' gguf
-  # brings) stays a build-time input of this folder, out of the adapter's, the infer wrapper's and the image's
-  # runtime closures.
-  converter = python3Packages.python.withPackages (_: [
-    reprolora
-    python3Packages.gguf
-  ]);
+  # The library with its `gguf` extra: the only place that reads GGUF files, so gguf stays a build-time input of
+  # this folder, out of the adapter's, the infer wrapper's and the image's runtime closures. (nixpkgs versions gguf
+  # by llama.cpp build, such as 9967 for tag b9967; its dependencies are numpy, pyyaml, requests and tqdm, and
+  # pyside6, Qt, only in its optional `gui` extra, which withPackages does not pull in. gguf releases up to 0.17.1
+  # required pyside6: CI prints the pin's gguf and fails if Qt reaches the infer closure.)
+  converter = python3Packages.python.withPackages (_: [ reprolora ] ++ reprolora.optional-dependencies.gguf);
 in
 runCommand "smollm2-135m-instruct"
   {

@@ -1,4 +1,4 @@
-# `nix flake check`: the test suite against the Nix-built library, the adapter built twice and compared, and
+# `nix flake check`: the fast test suite against the Nix-built library, the adapter built twice and compared, and
 # the infer wrapper run once. Each check is a sandboxed build like any other.
 {
   lib,
@@ -7,42 +7,54 @@
   reprolora,
   adapter,
   infer,
-  src,
-  # What the pytest check runs: the fast tests.
+  # What the pytest check runs: the fast tests, all of them.
   pytestArgs ? [
     "-m"
-    "not slow and not nix"
+    "not slow and not nix and not arm64"
     "tests"
   ],
 }:
 
 {
   # The fast tests. Not the slow ones (they fetch the real model) nor the `nix` ones (they drive Nix, git and
-  # namespaces from outside, as CI does). tests/ runs from a copy that has no python/ folder, so what they
-  # import is the library as Nix built it, not its sources.
+  # namespaces from outside, as CI does). The source holds only what the tests read (python/benchmarks, the
+  # pyproject and the pip lock, tests/, pytest.ini), not the library's sources, so that what they import is the
+  # library as Nix built it; and only a change to those files or to the library reruns this check. The
+  # environment holds the library, its extras and what the tests import, nothing else (python.withPackages).
   pytest =
-    runCommand "reprolora-pytest"
-      {
-        nativeBuildInputs = [
-          (python3Packages.python.withPackages (_: [
-            reprolora
-            python3Packages.pytest
-            python3Packages.cryptography # attestation signatures (tests/test_publish.py)
-            python3Packages.openai # the official client against `serve` (tests/test_chat.py)
-          ]))
+    let
+      src = lib.fileset.toSource {
+        root = ../.;
+        fileset = lib.fileset.unions [
+          ../python/benchmarks
+          ../python/pyproject.toml
+          ../python/requirements.lock
+          ../tests
+          ../pytest.ini
         ];
-      }
-      ''
-        cp -r ${src} source
-        chmod -R u+w source
-        rm -r source/python
-        cd source
-        export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
-        export PYTHONDONTWRITEBYTECODE=1
-        python -c 'import os, reprolora; path = os.path.realpath(reprolora.__file__); assert path.startswith("${reprolora}/"), path'
-        python -m pytest -p no:cacheprovider ${lib.escapeShellArgs pytestArgs}
-        touch $out
-      '';
+      };
+      python = python3Packages.python.withPackages (
+        ps:
+        [
+          reprolora
+          ps.pytest
+          ps.openai # the official client against `serve` (tests/test_chat.py)
+        ]
+        # gguf: `export-gguf` (tests/test_merge.py); cryptography: attestation signatures (tests/test_publish.py)
+        ++ lib.concatLists (lib.attrValues reprolora.optional-dependencies)
+      );
+    in
+    runCommand "reprolora-pytest" { nativeBuildInputs = [ python ]; } ''
+      cp -r ${src} source
+      chmod -R u+w source
+      cd source
+      export HOME="$TMPDIR/home" XDG_CACHE_HOME="$TMPDIR/cache" MPLCONFIGDIR="$TMPDIR/cache/matplotlib"
+      export PYTHONDONTWRITEBYTECODE=1
+      python -c 'import os, reprolora; path = os.path.realpath(reprolora.__file__); assert path.startswith("${reprolora}/"), path'
+      # The result is pytest's report.
+      python -m pytest -p no:cacheprovider ${lib.escapeShellArgs pytestArgs} > $out 2>&1 || { cat $out; exit 1; }
+      cat $out
+    '';
 
   # A second, independent derivation (another name, so another store path) trains the same adapter again;
   # every file must be byte for byte the same as the first build's.

@@ -6,7 +6,7 @@
 runCommand "default.jsonl"
   {
     meta = {
-      description = "reprolora's built-in training set: 80 instruction/response pairs on reproducible ML engineering";
+      description = "Built-in training set of reprolora: 80 instruction/response pairs on reproducible ML engineering";
       license = lib.licenses.asl20;
     };
   }

@@ -4,7 +4,7 @@
 {
   lib,
   writeShellApplication,
-  reprolora,
+  runtime,
   baseModel,
   adapter,
 }:
@@ -16,15 +16,14 @@ writeShellApplication {
     license = lib.licenses.asl20;
     mainProgram = "reprolora-infer";
   };
-  runtimeInputs = [ reprolora ];
   text = ''
     # The store is read-only and a container may have no HOME: caches go to a temp dir unless one is set.
     export XDG_CACHE_HOME="''${XDG_CACHE_HOME:-''${TMPDIR:-/tmp}/reprolora-cache}"
     export PYTHONDONTWRITEBYTECODE=1
     if [ "''${1:-}" = serve ]; then
       shift
-      exec reprolora serve ${adapter} --base-model ${baseModel} --host 0.0.0.0 --port 8000 "$@"
+      exec ${lib.getExe runtime} serve ${adapter} --base-model ${baseModel} --host 0.0.0.0 --port 8000 "$@"
     fi
-    exec reprolora infer ${adapter} --base-model ${baseModel} "$@"
+    exec ${lib.getExe runtime} infer ${adapter} --base-model ${baseModel} "$@"
   '';
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,15 @@ JOB_FLAKE = """\
   inputs.reprolora.url = "git+file://{repo}";
   inputs.reprolora.inputs.nixpkgs.follows = "nixpkgs";
 
-  outputs = {{ self, nixpkgs, reprolora, ... }}: {{
+  outputs = {{ self, nixpkgs, reprolora, ... }}:
+  let
+    checks = pytestArgs: import "${{reprolora}}/pkgs/checks.nix" {{
+      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
+      inherit (reprolora.packages.{system}) reprolora;
+      inherit (self.packages.{system}) adapter infer;
+      inherit pytestArgs;
+    }};
+  in {{
     packages.{system} = {{
       adapter = reprolora.packages.{system}.adapter.override {{
         baseModel = ./model;
@@ -57,14 +66,21 @@ JOB_FLAKE = """\
       # The same image with a label that claims other bytes: its build must fail.
       image-lying-label = self.packages.{system}.image.override {{ adapterSha256 = "{zeros}"; }};
     }};
-    # The flake's own checks file, on the tiny job.
-    checks.{system} = import "${{reprolora}}/pkgs/checks.nix" {{
-      inherit (nixpkgs.legacyPackages.{system}) lib runCommand python3Packages;
-      # Two files of the fast suite (all of it runs in GitHub's `nix flake check`, and here outside Nix).
-      pytestArgs = [ "-m" "not slow and not nix" "tests/test_config.py" "tests/test_gguf_extra.py" ];
-      inherit (reprolora.packages.{system}) reprolora;
-      inherit (self.packages.{system}) adapter infer;
-      src = reprolora;
+    # The flake's own checks file, on the tiny job. Its pytest check runs the whole fast suite in GitHub's
+    # `nix flake check`; here (where that takes over 25 minutes in the sandbox) every test module of the suite is
+    # collected, so each imports under the check's environment, and one test runs for each kind of thing the check
+    # must provide: what tests read outside tests/ (the pip lock and pyproject, python/benchmarks) and the
+    # packages beyond the library's dependencies (gguf, cryptography, openai).
+    checks.{system} = checks [
+      "-m" "not slow and not nix and not arm64"
+      "tests/test_config.py"
+      "tests/test_pip_lock.py::test_lock_pins_every_requirement_with_its_hashes"
+      "tests/test_decode.py::test_bench_infer_quick_runs"
+      "tests/test_merge.py::test_gguf_reads_back_as_the_merged_weights"
+      "tests/test_publish.py::test_verify_attestation_passes_and_fails_with_a_wrong_key"
+      "tests/test_chat.py::test_unknown_model_and_route_come_from_the_route_table"
+    ] // {{
+      pytest-collect = (checks [ "--collect-only" "-q" "-m" "not slow and not nix and not arm64" "tests" ]).pytest;
     }};
   }};
 }}
@@ -116,6 +132,15 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
     build = nixtest.nix(["build", "-L", f"path:{job}#infer", "--out-link", str(tmp_path / "infer")], env)
     assert build.returncode == 0, build.stderr[-6000:]
     wrapper = str(tmp_path / "infer" / "bin" / "reprolora-infer")
+    # It runs pkgs/runtime.nix's copy of the library, not the library's own store path (whose closure, in nixpkgs,
+    # holds the compiler torch names), and the closure check CI runs passes.
+    closure = nixtest.nix(["path-info", "-r", str(tmp_path / "infer")], env)
+    assert closure.returncode == 0, closure.stderr
+    names = [path.split("-", 1)[1] for path in closure.stdout.split()]
+    assert "reprolora-runtime-0.1.0" in names and "python-reprolora-0.1.0" not in names, names
+    check_closure = subprocess.run(["sh", str(nixtest.REPO / ".github" / "scripts" / "check-closure.sh")],
+                                   input=closure.stdout, capture_output=True, text=True)
+    assert check_closure.returncode == 0, check_closure.stdout
 
     check = subprocess.run([wrapper, "--check"], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -128,13 +153,32 @@ def test_nix_built_infer_wrapper_replays_the_probes_and_answers_like_the_cli(
 
 def test_flake_checks_build(tiny_job_flake, tmp_path):
     """pkgs/checks.nix as `nix flake check` builds it: the adapter built twice and compared, the infer wrapper
-    run, and the pytest check (the Nix-built library in python.withPackages, the tests without python/), here on
-    two test files."""
+    run, and the pytest check (the Nix-built library in python.withPackages of it, its extras and what the tests
+    import, nothing else; the tests without the library's sources): the whole fast suite collected, a test of each
+    thing the check provides run, none skipped."""
     job, env = tiny_job_flake
     system = nixtest.nix_system()
-    result = nixtest.nix(["build", "-L", "--no-link", f"path:{job}#checks.{system}.adapter-reproducible",
-                          f"path:{job}#checks.{system}.infer-runs", f"path:{job}#checks.{system}.pytest"], env)
-    assert result.returncode == 0, result.stderr[-6000:]  # pytest fails the build on a failure or no test run
+    for check in ("adapter-reproducible", "infer-runs", "pytest", "pytest-collect"):
+        result = nixtest.nix(["build", "-L", f"path:{job}#checks.{system}.{check}", "--out-link",
+                              str(tmp_path / check)], env)
+        assert result.returncode == 0, f"{check}:\n{result.stderr[-6000:]}"  # pytest fails the build on a failure
+
+    summary = (tmp_path / "pytest").read_text().rstrip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+    # Every test module imports in the check's environment: as many tests as the Python running these collects
+    # (a module whose import fails, or that skips itself for a missing package, would collect fewer or error).
+    args = ["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "not slow and not nix and not arm64", "tests"]
+    here = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=nixtest.REPO, capture_output=True, text=True)
+    in_check = (tmp_path / "pytest-collect").read_text()
+    assert collected(in_check) == collected(here.stdout) > 0, in_check[-2000:]
+
+
+def collected(report: str) -> int:
+    """The number of tests `pytest --collect-only -q` selected, from its last line (`N/M tests collected (K
+    deselected) ...` or `N tests collected ...`)."""
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", report)
+    assert match, report[-2000:]
+    return int(match.group(1))
 
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check
@@ -243,8 +287,8 @@ def test_dev_shell_imports_the_library_from_the_source_tree_and_runs_its_tests(t
     shim = nixtest.make_shim(tmp_path / "nixpkgs-shim")
     override = ["--override-input", "nixpkgs", f"path:{shim}", "--no-write-lock-file"]
     develop = ["develop", f"git+file://{nixtest.REPO}", *override, "--command"]
-    where = nixtest.nix([*develop, "sh", "-c", "command -v python; python -c 'import reprolora; print(reprolora.__file__)'"],
-                        env, cwd=nixtest.REPO)
+    where_script = "command -v python; python -c 'import reprolora; print(reprolora.__file__)'"
+    where = nixtest.nix([*develop, "sh", "-c", where_script], env, cwd=nixtest.REPO)
     assert where.returncode == 0, where.stderr[-3000:]
     python, library = where.stdout.split()
     assert python.startswith("/nix/store/") and python.endswith("-python3-env/bin/python"), python

@@ -115,18 +115,21 @@ def test_every_package_says_what_it_is(shim_env):
     assert meta["base-model"]["homepage"] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_nix_package_declares_the_dependencies_of_pyproject_and_only_the_base_model_gguf():
+def test_nix_package_declares_the_dependencies_and_extras_of_pyproject_and_only_the_base_model_uses_gguf():
     pyproject = tomllib.loads((nixtest.REPO / "python" / "pyproject.toml").read_text())["project"]
 
     def names(requirements: list[str]) -> set[str]:
         return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
 
     nix = (nixtest.REPO / "pkgs" / "reprolora.nix").read_text()
-    block = re.search(r"dependencies = with python3Packages; \[(.*?)\];", nix, re.S).group(1)
+    block = re.search(r"\n  dependencies = \[(.*?)\];", nix, re.S).group(1)
     assert set(block.split()) == names(pyproject["dependencies"])
-    assert names(pyproject["optional-dependencies"]["gguf"]) == {"gguf"}
-    assert "python3Packages.gguf" in (nixtest.REPO / "pkgs" / "base-model.nix").read_text()
-    for other in ("adapter", "infer", "image", "checks"):
+    extras = re.search(r"\n  optional-dependencies = \{(.*?)\n  \};", nix, re.S).group(1)
+    for extra, packages in re.findall(r"(\S+) = \[(.*?)\];", extras):
+        assert set(packages.split()) == names(pyproject["optional-dependencies"][extra]), extra
+    assert "with python3Packages" not in nix  # called with python3Packages.callPackage, arguments explicit
+    assert "reprolora.optional-dependencies.gguf" in (nixtest.REPO / "pkgs" / "base-model.nix").read_text()
+    for other in ("adapter", "infer", "image"):
         assert "gguf" not in (nixtest.REPO / "pkgs" / f"{other}.nix").read_text(), other
 
 
@@ -260,3 +263,77 @@ def test_the_expected_file_check_catches_a_wrong_file(tmp_path):
 def test_committed_expected_hashes_are_sha256sum_lines_of_the_adapter_files():
     problems = [expected_file_problem(path) for path in sorted((nixtest.REPO / "expected").glob("*.sha256"))]
     assert not [p for p in problems if p], problems
+
+
+CHECK_CLOSURE = nixtest.REPO / ".github" / "scripts" / "check-closure.sh"
+CHECK_LOWER_BOUNDS = nixtest.REPO / ".github" / "scripts" / "check-lower-bounds.py"
+
+
+def closure_check(*names: str) -> subprocess.CompletedProcess:
+    paths = "".join(f"{store_path(name)}\n" for name in names)
+    return subprocess.run(["sh", str(CHECK_CLOSURE)], input=paths, capture_output=True, text=True)
+
+
+def test_closure_check_passes_a_runtime_closure_with_gcc_runtime_libraries():
+    result = closure_check("python3-3.13.5", "python3.13-torch-2.11.0", "gcc-14.3.0-lib", "gcc-14.3.0-libgcc",
+                           "openblas-0.3.32", "glibc-2.40-66", "reprolora-runtime-0.1.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["gcc-14.3.0", "gcc-wrapper-14.3.0", "binutils-2.44", "binutils-wrapper-2.44",
+                                  "python3.13-pyside6-6.9.1", "qtbase-6.9.1", "cuda_cudart-12.8.90",
+                                  "libcublas-12.8.4.1-lib"])
+def test_closure_check_fails_on_a_build_tool_qt_or_cuda(name):
+    result = closure_check("python3-3.13.5", name, "gcc-14.3.0-lib")
+    assert result.returncode == 1 and "::error::" in result.stdout
+    assert result.stdout.splitlines()[0] == store_path(name)
+
+
+def test_lower_bounds_check_compares_the_installed_versions_with_pyproject(tmp_path):
+    passes = subprocess.run([sys.executable, str(CHECK_LOWER_BOUNDS), str(nixtest.REPO / "python" / "pyproject.toml"),
+                             "gguf"], capture_output=True, text=True)
+    assert passes.returncode == 0, passes.stdout + passes.stderr
+    assert "gguf " in passes.stdout and "torch " in passes.stdout
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torch>=99", "numpy>=1.26"]\n'
+                         '[project.optional-dependencies]\ngguf = ["not-installed-here>=1"]\n')
+    fails = subprocess.run([sys.executable, str(CHECK_LOWER_BOUNDS), str(pyproject), "gguf"],
+                           capture_output=True, text=True)
+    assert fails.returncode == 1
+    assert "outside >=99" in fails.stdout and "not-installed-here: not installed" in fails.stdout
+    assert "numpy" in fails.stdout and "ok >=1.26" in fails.stdout
+
+
+@needs_nix
+def test_overriding_the_scope_reaches_the_adapter_the_infer_wrapper_and_the_image(shim_env):
+    """overlays.default gives nixpkgs the package set; one overrideScope of the base model changes every package
+    built from it, exactly as overriding each by hand would."""
+    override, env = shim_env
+    system = nixtest.nix_system()
+    expr = f"""
+      let
+        flake = builtins.getFlake "git+file://{nixtest.REPO}";
+        pkgs = (builtins.getFlake "{{shim}}").legacyPackages.{system};
+        final = pkgs // flake.overlays.default final pkgs;
+        original = final.reproloraPackages;
+        otherModel = pkgs.runCommand "other-model" {{ }} "mkdir $out";
+        scoped = original.overrideScope (_: _: {{ baseModel = otherModel; }});
+        byHand = rec {{
+          adapter = original.adapter.override {{ baseModel = otherModel; }};
+          infer = original.infer.override {{ inherit adapter; baseModel = otherModel; }};
+          image = original.image.override {{ inherit adapter; baseModel = otherModel; }};
+        }};
+        drv = p: builtins.unsafeDiscardStringContext p.drvPath;
+      in
+      {{
+        differs = builtins.map (name: drv scoped.${{name}} != drv original.${{name}}) [ "adapter" "infer" "image" ];
+        sameAsByHand = builtins.map (name: drv scoped.${{name}} == drv byHand.${{name}}) [ "adapter" "infer" "image" ];
+        adapterModel = scoped.adapter.baseModel.name;
+      }}
+    """
+    expr = expr.replace("{shim}", override[2])
+    result = nixtest.nix(["eval", "--json", "--impure", "--expr", expr], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"differs": [True] * 3, "sameAsByHand": [True] * 3,
+                                         "adapterModel": "other-model"}

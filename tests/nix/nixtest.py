@@ -7,8 +7,11 @@ flake and build step, with this machine's Python (the one running the tests) as 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +91,40 @@ def nix_system() -> str:
     return f"{platform.machine()}-linux"
 
 
+def normalized(name: str) -> str:
+    """A distribution's name as PEP 503 normalizes it (and nixpkgs names its Python packages, mostly)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def host_distributions() -> dict[str, dict]:
+    """What the shim's Python environments are made of: each distribution installed in the Python running the
+    tests (but the library itself, which the shim builds from source), with the absolute paths of its
+    top-level files in site-packages and the distributions it requires (extras left out, markers evaluated),
+    all read from its metadata."""
+    from packaging.requirements import Requirement
+
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = normalized(dist.metadata["Name"])
+        if name == "reprolora" or name in found:
+            continue
+        tops = sorted({f.parts[0] for f in dist.files or [] if f.parts[0] not in ("..", "__pycache__")})
+        requires = [Requirement(line) for line in dist.requires or []]
+        found[name] = {
+            "version": dist.version,
+            "files": [str(dist.locate_file(top)) for top in tops],
+            "dependencies": sorted({normalized(r.name) for r in requires
+                                    if r.marker is None or r.marker.evaluate({"extra": ""})}),
+        }
+    for entry in found.values():  # a requirement the host lacks would fail its imports, as in nixpkgs
+        entry["dependencies"] = [d for d in entry["dependencies"] if d in found]
+    return found
+
+
+def nix_string_list(items: list[str]) -> str:
+    return "[ " + " ".join(json.dumps(item) for item in items) + " ]"
+
+
 def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
     """A copy of the nixpkgs shim with host.nix written for this machine. `files` maps an SRI hash to a local
     file that the shim's fetchurl returns for that hash (copied into the shim: a flake reads only its own
@@ -104,6 +141,12 @@ def make_shim(folder: Path, files: dict[str, Path] | None = None) -> Path:
         f'  bash = "{host_bash()}";\n'
         f'  sitePackages = "{sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/")}";\n'
         f'  fingerprint = "{toolchain_fingerprint()}";\n'
+        f'  basePython = "{os.path.realpath(sys._base_executable)}";\n'
+        f'  pythonVersion = "{platform.python_version()}";\n'
+        "  distributions = {\n" + "".join(
+            f'    "{name}" = {{ version = "{d["version"]}"; files = {nix_string_list(d["files"])}; '
+            f'dependencies = {nix_string_list(d["dependencies"])}; }};\n'
+            for name, d in sorted(host_distributions().items())) + "  };\n"
         "  files = {\n" + "\n".join(entries) + "\n  };\n"
         "}\n"
     )

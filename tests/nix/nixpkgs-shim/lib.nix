@@ -37,6 +37,59 @@ rec {
   addMetaAttrs = newAttrs: drv: drv // { meta = (drv.meta or { }) // newAttrs; };
   getExe = drv: "${drv}/bin/${drv.meta.mainProgram}";
 
+  # Like nixpkgs' lib.makeScope: a package set whose callPackage sees the set itself (fixed point), with
+  # `overrideScope` to replace members so that everything built from them follows.
+  makeScope =
+    newScope: f:
+    let
+      self = f self // {
+        newScope = scope: newScope (self // scope);
+        callPackage = self.newScope { };
+        overrideScope = g: makeScope newScope (extends g f);
+      };
+    in
+    self;
+
+  extends =
+    overlay: f: final:
+    let
+      prev = f final;
+    in
+    prev // overlay final prev;
+
+  inherit (builtins) mapAttrs attrValues concatLists;
+  concatMapStringsSep = separator: f: list: builtins.concatStringsSep separator (map f list);
+  concatMap = f: list: builtins.concatLists (map f list);
+  hasPrefix = prefix: string: builtins.substring 0 (builtins.stringLength prefix) string == prefix;
+
+  # Like nixpkgs' lib.fileset, only what the flake uses: `unions` of paths (files or folders) and `toSource`,
+  # which copies just those under `root` to the store (with their folders), so that a change elsewhere changes
+  # nothing. Like the real one, a path that does not exist is an error.
+  fileset = {
+    unions =
+      paths:
+      map (
+        path: if builtins.pathExists path then toString path else throw "lib.fileset.unions: ${toString path} does not exist"
+      ) paths;
+    toSource =
+      { root, fileset }:
+      let
+        rootString = toString root;
+        keep =
+          path: _type:
+          builtins.any (
+            wanted: path == wanted || hasPrefix (wanted + "/") path || hasPrefix (path + "/") wanted
+          ) fileset;
+      in
+      assert builtins.all (wanted: hasPrefix (rootString + "/") wanted) fileset
+        || throw "lib.fileset.toSource: a path of the fileset is not under ${rootString}";
+      builtins.path {
+        path = root;
+        name = "source";
+        filter = keep;
+      };
+  };
+
   licenses.asl20 = {
     spdxId = "Apache-2.0";
     shortName = "asl20";
