@@ -186,7 +186,7 @@ def collected(report: str) -> int:
 # sandbox with its hash checks, and the default job's adapter.
 @pytest.mark.slow
 def test_nix_builds_the_default_adapter_from_the_pypi_wheel(tmp_path):
-    from reprolora import base_model
+    from reprolora.models import base_model
 
     env = nixtest.nix_env(tmp_path)
     # The shim's fetchurl hands out this local copy of the wheel, checked against the flake's hash.

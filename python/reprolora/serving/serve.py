@@ -490,11 +490,12 @@ class Handler(BaseHTTPRequestHandler):
                 answer = None
             else:
                 answer = 500, _error_body(500, "internal error; see the server log"), "application/json"
-        status = 200
-        if answer is not None:  # None: the answer was streamed
-            status = answer[0]
-            self._send(*answer)
-        self.server.metrics.observe(route, status, time.perf_counter() - started)
+        if answer is None:  # streamed: the stream has ended
+            self.server.metrics.observe(route, 200, time.perf_counter() - started)
+            return
+        # Counted before the answer goes out: a client that reads it and then asks /metrics sees it counted.
+        self.server.metrics.observe(route, answer[0], time.perf_counter() - started)
+        self._send(*answer)
 
     def _route(self, method: str, path: str) -> tuple[int, bytes, str] | None:
         route = ROUTE_BY_PATH.get(path)
