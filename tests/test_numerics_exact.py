@@ -4,6 +4,7 @@ where the exact value is a float64, and against hand-made ties, subnormals and o
 from __future__ import annotations
 
 import math
+import random
 from fractions import Fraction
 
 import numpy as np
@@ -57,3 +58,33 @@ def test_result_is_the_nearest_float32(value: Fraction) -> None:
     for neighbour in (below, above):
         if np.isfinite(neighbour):
             assert distance <= abs(Fraction(float(neighbour)) - value)
+
+
+def test_interval_rounding_is_the_exact_rounding_wherever_it_decides():
+    import torch
+
+    from reprolora.numerics.exact import round_float64_interval
+
+    rng = random.Random(5)
+    exact_values, values, errors = [], [], []
+    for _ in range(2000):
+        mid = Fraction(_midpoint(rng))  # a float32 rounding midpoint
+        offset = Fraction(rng.choice([-1, 1]) * rng.randint(1, 2**20), 2**80) * abs(mid)  # within 2^-60 of it
+        x = mid + offset if rng.random() < 0.5 else Fraction(rng.uniform(-4, 4))
+        value = float(x)  # x's float64 rounding
+        error = abs(float(Fraction(value) - x)) * rng.choice([1.0, 2.0, 2.0**30])
+        exact_values.append(x)
+        values.append(value)
+        errors.append(error)
+    rounded, decided = round_float64_interval(torch.tensor(values, dtype=torch.float64), torch.tensor(errors))
+    assert 0 < int(decided.sum()) < len(values)  # some near a midpoint are left to the exact step
+    for x, r, d in zip(exact_values, rounded.tolist(), decided.tolist()):
+        if d:
+            assert r == round_to_float32(x)
+    exact_zero, _ = round_float64_interval(torch.tensor([-0.0, 3.0]), torch.tensor([0.0, 0.0]))
+    assert [math.copysign(1, v) for v in exact_zero.tolist()] == [1, 1]
+
+
+def _midpoint(rng: random.Random) -> float:
+    whole = rng.randint(2**23, 2**24 - 1)
+    return math.ldexp(2 * whole + 1, rng.randint(-40, 40) - 25) * rng.choice([-1, 1])

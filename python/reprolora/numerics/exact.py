@@ -2,13 +2,16 @@
 
 Each operation computes a fast float64 approximation, proves from an error bound that its float32 rounding is the
 rounding of the exact value, and falls back to exact arithmetic (Python integers and fractions) for the few
-elements the proof does not decide. This module is that exact last step, and the tests' oracle.
+elements the proof does not decide. This module holds both ends of that: the rounding test on a float64 value
+with an error bound, and the exact last step (also the tests' oracle).
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+
+import torch
 
 MANTISSA_BITS = 24  # float32's significand, the implicit bit included
 MIN_EXPONENT = -126  # the smallest normal float32 is 2^-126
@@ -53,3 +56,31 @@ def _scaled(numerator: int, denominator: int, exponent: int) -> Fraction:
     return (
         Fraction(numerator, denominator << exponent) if exponent >= 0 else Fraction(numerator << -exponent, denominator)
     )
+
+
+def round_float64_interval(value: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 rounding of exact numbers known only as float64 `value` +- `error`, where that bound decides it.
+
+    For each element, the exact number x satisfies |x - value| <= error (the caller proves the bound; error = 0
+    says value is x). Where both ends of the interval round to the same float32, bit for bit, every number in
+    it does (rounding is monotone), so that float32 is x's rounding: `decided` is True there and `rounded` holds
+    it. Elsewhere (a rounding midpoint may lie inside) `decided` is False and the caller computes x exactly.
+
+    The ends are computed in float64 and widened first to cover their own rounding: value -+ (error * (1 + 2^-48)
+    + |value| * 2^-51) rounded to float64 still lies outside [x - error, x + error]'s complement. An exact zero
+    gives +0.0; a non-finite value passes through (NaN as one NaN).
+    """
+    value = value.to(torch.float64)
+    error = error.to(torch.float64)
+    margin = error * (1 + 2**-48) + value.abs() * 2**-51
+    low = (value - margin).to(torch.float32)
+    high = (value + margin).to(torch.float32)
+    decided = low.view(torch.int32) == high.view(torch.int32)
+    exact = error == 0
+    rounded = torch.where(
+        exact & (value == 0), torch.zeros_like(high), torch.where(exact, value.to(torch.float32), high)
+    )
+    finite = torch.isfinite(value)
+    rounded = torch.where(finite, rounded, value.to(torch.float32))
+    rounded = torch.where(torch.isnan(value), torch.full_like(rounded, math.nan), rounded)
+    return rounded, decided | exact | ~finite
