@@ -78,7 +78,7 @@ def test_interval_rounding_is_the_exact_rounding_wherever_it_decides():
         errors.append(error)
     rounded, decided = round_float64_interval(torch.tensor(values, dtype=torch.float64), torch.tensor(errors))
     assert 0 < int(decided.sum()) < len(values)  # some near a midpoint are left to the exact step
-    for x, r, d in zip(exact_values, rounded.tolist(), decided.tolist()):
+    for x, r, d in zip(exact_values, rounded.tolist(), decided.tolist(), strict=True):
         if d:
             assert r == round_to_float32(x)
     exact_zero, _ = round_float64_interval(torch.tensor([-0.0, 3.0]), torch.tensor([0.0, 0.0]))
