@@ -76,7 +76,7 @@ class ProbesConfig:
 @dataclass(frozen=True)
 class Config:
     seed: int = 42
-    profile: str = "native"  # "native", "portable" or "portable-fast", see reprolora.core.pins
+    profile: str = "native"  # "native", "portable", "portable-fast" or "reference", see reprolora.core.pins
     threads: int = 2
     base_model: BaseModelConfig = field(default_factory=BaseModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

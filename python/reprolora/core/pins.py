@@ -1,6 +1,6 @@
 """Determinism pins: the environment that fixes CPU numerics, applied before torch is imported.
 
-torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Three profiles:
+torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Four profiles:
 - native:   this CPU's best instruction set (torch's own choice), and MKL in its strict conditional-numerical-
             reproducibility mode: same bytes on the same kind of CPU, at any thread count.
 - portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads, and MKL in its
@@ -20,6 +20,9 @@ depends on the thread count.
             model's 72 training products at 1 and 2 threads): the same bits on this project's AMD EPYC (Zen 5) and
             Intel Xeon (python/benchmarks/blas_vendor_hashes.py). A whole training job was not yet compared across
             the two vendors, so this profile does not promise cross-vendor bytes: portable does.
+- reference: every operation of training and inference defined by mathematics (reprolora.numerics): the same
+            bytes on any CPU, architecture, BLAS, thread count, world size and micro-batch size. Pins nothing that
+            changes its bits: there is none.
 A user's own settings never win over the pins: `overridden()` says which were replaced.
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 
 from reprolora.core.errors import ReproloraError
 
-PROFILES = ("native", "portable", "portable-fast")
+PROFILES = ("native", "portable", "portable-fast", "reference")
 
 # Set to a fixed value whatever the profile. PYTHONHASHSEED can't be changed inside a running process, so the
 # code never depends on set or dict-of-hash order instead.
@@ -73,6 +76,10 @@ _PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
         "OPENBLAS_CORETYPE": "Haswell",
     },
     ("native", "aarch64"): {name: None for name in _ISA_VARS},
+    # reference: every operation has one answer (reprolora.numerics), whatever the ISA, BLAS or thread count, so
+    # nothing is pinned: each library takes the CPU's best.
+    ("reference", "x86_64"): {name: None for name in _ISA_VARS},
+    ("reference", "aarch64"): {name: None for name in _ISA_VARS},
     ("portable", "aarch64"): {
         "ATEN_CPU_CAPABILITY": "default",
         "MKL_CBWR": None,

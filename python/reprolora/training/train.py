@@ -31,7 +31,7 @@ import torch
 from reprolora.core import adapter, manifest, pins
 from reprolora.models import base_model, families
 from reprolora.audit import card
-from reprolora.training import checkpoint, distributed
+from reprolora.training import checkpoint, distributed, reference
 from reprolora.data import dataset
 from reprolora.core.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.core.config import Config
@@ -154,8 +154,11 @@ def setup(config: Config) -> Job:
     peft_model = get_peft_model(model, lora)
     plan, epoch_of_step = plan_steps(train_idx, rng, config)
     warmup = math.ceil(len(plan) * config.train.warmup_ratio)
-    return Job(config, base, data, train_idx, eval_idx, encoded, tokenizer, peft_model, plan, epoch_of_step, warmup,
-               identity(config, base, data, train_idx, eval_idx))
+    job = Job(config, base, data, train_idx, eval_idx, encoded, tokenizer, peft_model, plan, epoch_of_step, warmup,
+              identity(config, base, data, train_idx, eval_idx))
+    if config.profile == "reference":
+        reference.initialise_lora(job)  # torch's generator draws differently per build and CPU
+    return job
 
 
 @dataclass
@@ -175,7 +178,10 @@ class TrainState:
 def initial_state(job: Job) -> TrainState:
     """Step 0: the adapter as get_peft_model initialised it, zero moments, no eval yet."""
     params = {name: p for name, p in job.peft_model.named_parameters() if p.requires_grad}
-    optimizer = AdamW(list(params.values()), weight_decay=job.config.train.weight_decay)
+    if job.config.profile == "reference":
+        optimizer = reference.optimizer(job, params)
+    else:
+        optimizer = AdamW(list(params.values()), weight_decay=job.config.train.weight_decay)
     return TrainState(0, params, optimizer, [], {})
 
 
@@ -264,6 +270,8 @@ def grad_norm(flat_grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
     """One optimizer step: each process computes the gradients of its share of the micro-batches, every process
     receives all of them, adds them in micro-batch order, clips, and updates its copy of the adapter."""
+    if job.config.profile == "reference":
+        return reference.train_step(job, state, world)
     t = job.config.train
     micro_batches = job.plan[state.step]
     job.causal_lm.train()
@@ -320,6 +328,8 @@ def train(job: Job, state: TrainState, world: distributed.World, progress: bool,
 
 @torch.no_grad()
 def evaluate(job: Job) -> dict[str, float]:
+    if job.config.profile == "reference":
+        return reference.evaluate(job)
     causal_lm = job.causal_lm
     causal_lm.eval()
     pad_id = job.tokenizer.pad_token_id
@@ -334,6 +344,8 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 def golden_probes(job: Job) -> manifest.Probes:
+    if job.config.profile == "reference":
+        return reference.golden_probes(job)
     job.causal_lm.eval()
     results = []
     for prompt in job.config.probes.prompts:
