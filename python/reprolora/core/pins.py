@@ -77,9 +77,9 @@ _PROFILE_ISA: dict[tuple[str, str], dict[str, str | None]] = {
     },
     ("native", "aarch64"): {name: None for name in _ISA_VARS},
     # reference: every operation has one answer (reprolora.numerics), whatever the ISA, BLAS or thread count, so
-    # nothing is pinned: each library takes the CPU's best.
-    ("reference", "x86_64"): {name: None for name in _ISA_VARS},
-    ("reference", "aarch64"): {name: None for name in _ISA_VARS},
+    # none of these is touched: a user's ATEN_CPU_CAPABILITY or MKL_CBWR stays as it is and changes no bit.
+    ("reference", "x86_64"): {},
+    ("reference", "aarch64"): {},
     ("portable", "aarch64"): {
         "ATEN_CPU_CAPABILITY": "default",
         "MKL_CBWR": None,
