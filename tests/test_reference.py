@@ -1,0 +1,155 @@
+"""Profile `reference`: the decoder over reprolora.numerics computes what transformers computes (to float32's
+precision), and its bytes depend on the job alone: not on how the step's examples are split into passes, the
+thread count, the CPU code path or the world size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprolora.data.dataset import Tokenized
+from reprolora.models import tiny
+from reprolora.models.reference import Decoder
+from reprolora.training import reference
+
+
+def peft_model(family: str, folder: Path, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tiny.make_family_model(folder, family)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.manual_seed(1)
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give it values so every gradient path carries something
+            torch.nn.init.normal_(param, std=0.1)
+    return wrapped
+
+
+def examples(lengths: list[int], vocab: int = 200, seed: int = 0) -> list[Tokenized]:
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
+        items.append(Tokenized(ids, [-100, -100, *ids[2:]]))  # the first tokens are the prompt: no labels
+    return items
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_loss_and_lora_gradients_match_transformers(family, tmp_path):
+    # mistral's tiny model has a sliding window of 64: an example of 80 tokens crosses it.
+    model = peft_model(family, tmp_path / "model", ["q_proj", "v_proj", "down_proj"])
+    items = examples([7, 80, 5])
+    expected = 0
+    for item in items:
+        ids = torch.tensor(item.input_ids)
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+        targets = torch.tensor(item.labels[1:])
+        keep = targets != -100
+        expected = expected + torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    expected.backward()
+
+    decoder = Decoder(model)
+    ids, lengths, targets = reference.packed(items)
+    with torch.no_grad():
+        losses, rows = decoder.loss_and_backward(ids, lengths, targets, None)
+    assert float(losses.sum()) == pytest.approx(float(expected), rel=1e-5)
+    loras = decoder.loras
+    assert len(loras) == 6
+    grads, _ = reference.gradients(loras, [(losses, rows)], 1)
+    for lora, d_a, d_b in zip(loras, grads[0::2], grads[1::2]):
+        for ours, theirs in ((d_a, lora.A.grad), (d_b, lora.B.grad)):
+            assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), lora.name
+
+
+def step_bytes(decoder: Decoder, items: list[Tokenized], passes: list[list[int]]) -> bytes:
+    """The bytes of the gradients and the summed loss of `items`, split into `passes` (lists of indices)."""
+    results = []
+    with torch.no_grad():
+        for indices in passes:
+            ids, lengths, targets = reference.packed([items[i] for i in indices])
+            results.append(decoder.loss_and_backward(ids, lengths, targets, None))
+    grads, loss = reference.gradients(decoder.loras, results, 50)
+    return b"".join(t.numpy().tobytes() for t in [*grads, loss])
+
+
+def test_a_steps_gradients_do_not_depend_on_its_passes_or_threads(tmp_path):
+    decoder = Decoder(peft_model("llama", tmp_path / "model", ["q_proj", "v_proj", "gate_proj"]))
+    items = examples([9, 31, 4, 17, 12, 23], seed=3)
+    one_pass = step_bytes(decoder, items, [[0, 1, 2, 3, 4, 5]])
+    assert step_bytes(decoder, items, [[0], [1], [2], [3], [4], [5]]) == one_pass
+    assert step_bytes(decoder, items, [[5, 3], [1, 0, 4], [2]]) == one_pass  # any grouping, any order
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            assert step_bytes(decoder, items, [[0, 1], [2, 3], [4, 5]]) == one_pass, f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_other_families_get_one_clear_line(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from reprolora.core.errors import ReproloraError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.make_family_model(tmp_path / "gpt2", "gpt2"))
+    with pytest.raises(ReproloraError, match="gpt2 and gpt_neox need LayerNorm and GELU"):
+        Decoder(model)
+
+
+# ---------------------------------------------------------------------------------------------------- whole jobs
+
+REFERENCE_JOB = tiny.CONFIG.replace("threads = 2\n", "threads = {threads}\nprofile = \"reference\"\n").replace(
+    "[train]\n", "[train]\nmax_steps = 3\nmicro_batch_size = {micro_batch}\n"
+).replace("max_new_tokens = 8", "max_new_tokens = 4")
+
+
+def reference_run(tmp_path: Path, name: str, model: Path, data: Path, threads: int = 2, micro_batch: int = 1,
+                  env: dict[str, str] | None = None, nproc: int = 1) -> dict[str, object]:
+    """Train the tiny job (3 steps) under `reference` in a fresh process; what may not differ between runs."""
+    import os
+
+    config = tmp_path / f"{name}.toml"
+    config.write_text(REFERENCE_JOB.format(threads=threads, micro_batch=micro_batch))
+    out = tmp_path / name
+    train = ["-m", "reprolora", "train", "-q", "-c", str(config), "--base-model", str(model), "--dataset", str(data),
+             "-o", str(out)]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc-per-node", str(nproc)]
+    result = subprocess.run([*launcher, *train], env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "adapter_model.safetensors": (out / "adapter_model.safetensors").read_bytes(),
+        "adapter_config.json": (out / "adapter_config.json").read_bytes(),
+        "loss_trace": manifest["loss_trace"],
+        "metrics": manifest["metrics"],
+        "probes": manifest["probes"],
+    }
+
+
+@pytest.mark.slow
+def test_reference_bytes_depend_on_the_job_alone(tmp_path, tiny_base_model, tiny_dataset):
+    """One set of bytes at 1, 2 and 4 threads, micro-batches of 1, 2 and 4, world sizes 1, 2 and 3, and whatever
+    ATEN_CPU_CAPABILITY says (the reference profile pins none of these)."""
+    args = (tiny_base_model, tiny_dataset)
+    first = reference_run(tmp_path, "base", *args)
+    variations = {
+        "threads-1": dict(threads=1), "threads-4": dict(threads=4),
+        "micro-batch-2": dict(micro_batch=2), "micro-batch-4": dict(micro_batch=4),
+        "world-2": dict(nproc=2, threads=1), "world-3": dict(nproc=3, threads=1),
+        "isa-default": dict(env={"ATEN_CPU_CAPABILITY": "default"}),
+        "isa-avx2": dict(env={"ATEN_CPU_CAPABILITY": "avx2"}),
+    }
+    if sys.platform != "linux" or not Path("/proc/cpuinfo").read_text().count("avx2"):
+        del variations["isa-avx2"]
+    for name, variation in variations.items():
+        assert reference_run(tmp_path, name, *args, **variation) == first, name
