@@ -470,11 +470,17 @@ def request_ids(tokenizer: Any, prompt: str | Messages) -> list[int]:
 
 
 def engine_for(model: Any, tokenizer: Any) -> Engine:
-    """The model's engine, made once and kept on the model (its rotary table grows as positions are needed)."""
+    """The model's engine, made once and kept on the model (its rotary table grows as positions are needed): under
+    profile `reference`, the reference decoder's (reprolora.decoding.reference)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     engine = inner.__dict__.get("_reprolora_engine")
     if engine is None or engine.tokenizer is not tokenizer:
-        engine = Engine(inner, tokenizer)
+        if pins.is_applied() and pins.applied()["profile"] == "reference":
+            from reprolora.decoding.reference import ReferenceEngine
+
+            engine = ReferenceEngine(inner, tokenizer)
+        else:
+            engine = Engine(inner, tokenizer)
         inner.__dict__["_reprolora_engine"] = engine
     return engine
 

@@ -11,7 +11,6 @@ lies in a batch.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -189,17 +188,3 @@ def exp_float64(x: float) -> float:
         return float(mpmath.exp(mpmath.mpf(x)))
 
 
-def digest(tensor: Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
-
-
-def golden_probes(job: Job) -> Any:
-    """The probes decoded greedily by the reference decoder, each from its prompt alone."""
-    from reprolora.core import manifest
-    from reprolora.decoding.reference import greedy
-
-    results = []
-    for prompt in job.config.probes.prompts:
-        c = greedy(decoder(job), job.peft_model, job.tokenizer, prompt, job.config.probes.max_new_tokens)
-        results.append(manifest.Probe(prompt, c.token_ids, c.text, c.finish_reason, c.logits_sha256))
-    return manifest.Probes(job.config.probes.max_new_tokens, results)

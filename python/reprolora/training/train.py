@@ -344,8 +344,6 @@ def evaluate(job: Job) -> dict[str, float]:
 
 
 def golden_probes(job: Job) -> manifest.Probes:
-    if job.config.profile == "reference":
-        return reference.golden_probes(job)
     job.causal_lm.eval()
     results = []
     for prompt in job.config.probes.prompts:
