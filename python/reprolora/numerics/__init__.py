@@ -7,5 +7,8 @@ divide, square root), each its own tensor op. Their results depend on the inputs
 architecture, the BLAS, the torch version or the thread count.
 
 Modules:
-- exact:     rounding an exact rational to float32, the definition every answer comes from.
+- exact:       the rounding test on a float64 value with a proven bound, the compensated and exact fallback sums,
+               rounding an exact rational to float32 (the definition every answer comes from).
+- matmul:      the correctly rounded float32 matrix product (float64 product, bound, fallback).
+- reductions:  the correctly rounded float32 sum along a dimension.
 """

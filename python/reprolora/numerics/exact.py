@@ -67,20 +67,89 @@ def round_float64_interval(value: torch.Tensor, error: torch.Tensor) -> tuple[to
     it. Elsewhere (a rounding midpoint may lie inside) `decided` is False and the caller computes x exactly.
 
     The ends are computed in float64 and widened first to cover their own rounding: value -+ (error * (1 + 2^-48)
-    + |value| * 2^-51) rounded to float64 still lies outside [x - error, x + error]'s complement. An exact zero
-    gives +0.0; a non-finite value passes through (NaN as one NaN).
+    + |value| * 2^-51) rounded to float64 still lies outside [x - error, x + error]. How the widening itself is
+    rounded (fused or not) changes only which elements are decided, never a decided element's value. An exact
+    zero gives +0.0; a non-finite value passes through.
     """
     value = value.to(torch.float64)
-    error = error.to(torch.float64)
-    margin = error * (1 + 2**-48) + value.abs() * 2**-51
+    margin = value.abs().mul_(2**-51).add_(error.to(torch.float64), alpha=1 + 2**-48)
     low = (value - margin).to(torch.float32)
-    high = (value + margin).to(torch.float32)
+    high = value.add(margin).to(torch.float32)
     decided = low.view(torch.int32) == high.view(torch.int32)
-    exact = error == 0
-    rounded = torch.where(
-        exact & (value == 0), torch.zeros_like(high), torch.where(exact, value.to(torch.float32), high)
-    )
-    finite = torch.isfinite(value)
-    rounded = torch.where(finite, rounded, value.to(torch.float32))
-    rounded = torch.where(torch.isnan(value), torch.full_like(rounded, math.nan), rounded)
-    return rounded, decided | exact | ~finite
+    undecided = (~decided).nonzero(as_tuple=True)
+    if len(undecided[0]):
+        # Exact values (error 0; an exact zero as +0.0) and non-finite ones are decided as they stand.
+        v, e = value[undecided], error.to(torch.float64).expand_as(value)[undecided]
+        exact = (e == 0) | ~torch.isfinite(v)
+        high[undecided] = torch.where(exact & (v == 0), torch.zeros_like(v), v).to(torch.float32)
+        decided[undecided] = exact
+    return high, decided
+
+
+FALLBACKS: dict[str, int] = {"compensated": 0, "exact": 0}  # elements each fallback stage decided, for tests
+CHUNK = 1 << 22  # float64 terms per fallback chunk: 32 MiB
+
+
+def round_exact_sums(terms: torch.Tensor) -> torch.Tensor:
+    """The float32 rounding of each row's exact sum, for a [rows, n] float64 tensor whose values are the terms
+    (exact products or float32 values): the fallback of every sum and product the float64 route leaves undecided.
+
+    First a compensated sum, exact but for its last float64 addition: a pairwise tree of error-free additions
+    (Knuth's TwoSum, six IEEE operations each, so the tree's sum plus every addition's error is the exact sum),
+    then the errors summed in float64. Its error is at most gamma_(n-1) * sum|errors| (the errors' own float64
+    sum) plus the last rounding, and it goes through round_float64_interval. What that leaves (ties, and sums
+    within ~2^-52 of a midpoint) is summed exactly in Python integers and rounded by round_to_float32.
+    """
+    rows, n = terms.shape
+    if rows == 0:
+        return torch.empty(0, dtype=torch.float32)
+    if rows * n > CHUNK and rows > 1:
+        step = max(1, CHUNK // n)
+        return torch.cat([round_exact_sums(terms[i : i + step]) for i in range(0, rows, step)])
+    x = terms.to(torch.float64)
+    width = 1 << max(0, (n - 1).bit_length())
+    if width != n:
+        x = torch.cat([x, x.new_zeros(rows, width - n)], dim=1)
+    errors = []
+    while x.shape[1] > 1:
+        a, b = x[:, 0::2], x[:, 1::2]
+        s = a + b
+        b_virtual = s - a
+        errors.append((a - (s - b_virtual)) + (b - b_virtual))
+        x = s
+    if errors:
+        e = torch.cat(errors, dim=1)
+        value = x[:, 0] + e.sum(dim=1)
+        # gamma_(n-1) for the errors' sum, inflated for that bound's own rounding; then the last addition.
+        error = e.abs().sum(dim=1) * (gamma(width) * (1 + 4 * gamma(width))) + value.abs() * 2**-52
+    else:
+        value, error = x[:, 0], torch.zeros(rows, dtype=torch.float64)
+    rounded, decided = round_float64_interval(value, error)
+    undecided = (~decided).nonzero().flatten()
+    FALLBACKS["compensated"] += rows - len(undecided)
+    if len(undecided):
+        FALLBACKS["exact"] += len(undecided)
+        exact = [round_to_float32(exact_sum(terms[i].tolist())) for i in undecided.tolist()]
+        rounded[undecided] = torch.tensor(exact, dtype=torch.float32)
+    return rounded
+
+
+def exact_sum(values: list[float]) -> Fraction:
+    """The exact sum of float64 values, as a Fraction (integers over one power-of-two denominator: fast)."""
+    numerators, shifts = [], []
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"exact_sum: non-finite term {v}")
+        n, d = v.as_integer_ratio()
+        numerators.append(n)
+        shifts.append(d.bit_length() - 1)
+    top = max(shifts, default=0)
+    return Fraction(sum(n << (top - s) for n, s in zip(numerators, shifts, strict=True)), 1 << top)
+
+
+def gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u), u = 2^-53: the relative bound on any float64 sum of n terms, rounded up."""
+    if n >= 1 << 40:
+        raise ValueError(f"gamma: {n} terms is beyond the bounds this module proves")
+    unit = 2.0**-53
+    return n * unit / (1 - n * unit) * (1 + 2**-50)
