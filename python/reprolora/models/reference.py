@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from reprolora.core.errors import ReproloraError
-from reprolora.numerics.matmul import matmul
+from reprolora.numerics.matmul import Prepared, matmul, prepare
 from reprolora.numerics.pointwise import exp, log, rotary_tables, sigmoid, sqrt
 from reprolora.numerics.reductions import sum as exact_sum
 
@@ -60,7 +60,8 @@ class Lora:
 @dataclass
 class Linear:
     weight: Tensor  # [out, in], frozen
-    weight_t: Tensor  # [in, out], the forward product's right side
+    forward_right: Prepared  # W^T [in, out], the forward product's right side
+    backward_right: Prepared  # W [out, in], the input gradient's
     bias: Tensor | None
     lora: Lora | None
 
@@ -86,7 +87,7 @@ def linear_of(module: Any, name: str) -> Linear:
                     scalar(module.scaling["default"]), float(getattr(dropout, "p", 0.0)))
     weight = base.weight.detach()
     bias = base.bias.detach() if base.bias is not None else None
-    return Linear(weight, weight.t().contiguous(), bias, lora)
+    return Linear(weight, prepare(weight.t().contiguous()), prepare(weight), bias, lora)
 
 
 Dropout = Callable[[Lora, Tensor], Tensor]  # (layer, x) -> the keep mask scaled by 1 / (1 - p), per element of x
@@ -94,7 +95,7 @@ Dropout = Callable[[Lora, Tensor], Tensor]  # (layer, x) -> the keep mask scaled
 
 def linear_forward(lin: Linear, x: Tensor, dropout: Dropout | None, saved: list) -> Tensor:
     """x W^T (+ bias) (+ LoRA), saving what backward needs."""
-    y = matmul(x, lin.weight_t)
+    y = matmul(x, lin.forward_right)
     if lin.bias is not None:
         y = y + lin.bias
     if lin.lora is None:
@@ -110,7 +111,7 @@ def linear_forward(lin: Linear, x: Tensor, dropout: Dropout | None, saved: list)
 
 def linear_backward(lin: Linear, dy: Tensor, saved: list, rows: dict[str, LoraRows]) -> Tensor:
     """dx of linear_forward; an adapted layer's gradient rows go into `rows`."""
-    dx = matmul(dy, lin.weight)
+    dx = matmul(dy, lin.backward_right)
     if lin.lora is None:
         return dx
     lora = lin.lora

@@ -17,6 +17,8 @@ instead of gamma_K |a||b|: the fallback stays rare.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from reprolora.numerics.exact import CHUNK, gamma, round_exact_sums, round_float64_interval
@@ -25,32 +27,61 @@ BLOCK = 1024  # the longest inner dimension taken as one float64 product
 FALLBACKS = {"elements": 0, "undecided": 0}  # elements computed, and those the float64 route left undecided
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Prepared:
+    """A right operand multiplied many times (a frozen weight): its float64 copy and column norms, made once."""
+
+    float64: torch.Tensor  # [..., K, N]
+    norms: torch.Tensor  # [..., 1, N]: |b_col|_2, rounded as error_bound allows
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.float64.shape
+
+
+def prepare(b: torch.Tensor) -> Prepared:
+    """b ready to be matmul's right operand again and again; matmul(a, prepare(b)) == matmul(a, b), bit for bit."""
+    _check_float32(b)
+    b64 = b.to(torch.float64)
+    return Prepared(b64, _column_norms(b64))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor | Prepared) -> torch.Tensor:
     """a @ b for float32 a [..., M, K] and b [..., K, N] (batch dimensions broadcast as torch.matmul's do), each
     element the float32 nearest to the exact sum of its K products, ties to even; an exact zero is +0.0.
     Non-finite inputs give the float64 product's non-finite result (one NaN)."""
-    if a.dtype != torch.float32 or b.dtype != torch.float32:
-        raise TypeError(f"numerics.matmul takes float32 tensors, not {a.dtype} @ {b.dtype}")
-    if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+    _check_float32(a)
+    if a.dim() < 2 or len(b.shape) < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"numerics.matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    prepared = b if isinstance(b, Prepared) else prepare(b)
+    a64, b64 = a.to(torch.float64), prepared.float64
     k = a.shape[-1]
     product, blocks = _blocked_product(a64, b64, k)
-    rounded, decided = round_float64_interval(product, error_bound(a64, b64, blocks))
+    rounded, decided = round_float64_interval(product, error_bound(a64, prepared.norms, blocks))
     FALLBACKS["elements"] += rounded.numel()
     if not bool(decided.all()):
         _exact_where_undecided(rounded, decided, a64, b64)
     return rounded
 
 
-def error_bound(a64: torch.Tensor, b64: torch.Tensor, blocks: int) -> torch.Tensor:
-    """An upper bound on |float64 product - exact product| per element, for the product taken in `blocks` blocks."""
+def _check_float32(t: torch.Tensor) -> None:
+    if t.dtype != torch.float32:
+        raise TypeError(f"numerics.matmul takes float32 tensors, not {t.dtype}")
+
+
+def _column_norms(b64: torch.Tensor) -> torch.Tensor:
+    return (b64 * b64).sum(-2, keepdim=True).sqrt()
+
+
+def error_bound(a64: torch.Tensor, b_norms: torch.Tensor, blocks: int) -> torch.Tensor:
+    """An upper bound on |float64 product - exact product| per element, for the product taken in `blocks` blocks,
+    from a's rows and b's column norms (_column_norms)."""
     k = a64.shape[-1]
     block = min(k, BLOCK)
     # |a_row|_2 |b_col|_2 bounds sum|a_k b_k|; the last factor covers the norms' own float64 rounding (their sums of
     # squares by gamma_K, the square roots, the products) with room to spare.
     factor = (gamma(block) + gamma(blocks) * (1 + gamma(block))) * (1 + 2 * gamma(k) + 2**-40)
-    return (a64 * a64).sum(-1, keepdim=True).sqrt().mul_(factor) * (b64 * b64).sum(-2, keepdim=True).sqrt()
+    return (a64 * a64).sum(-1, keepdim=True).sqrt().mul_(factor) * b_norms
 
 
 def _blocked_product(a64: torch.Tensor, b64: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
