@@ -32,9 +32,17 @@ def write_lines(tmp_path: Path, *lines: str) -> Path:
 
 
 ALPACA = json.dumps({"instruction": "Why?", "input": "", "output": "Because."})
-CHAT = json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-                                {"role": "assistant", "content": "Bye."}]})
+CHAT = json.dumps(
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye."},
+        ]
+    }
+)
 
 
 def test_builtin_dataset_is_one_theme_with_enough_examples():

@@ -97,26 +97,39 @@ def record() -> dict:
     paths = {}
     for name, (library, env) in PATHS.items():
         for threads in (1, 2):
-            environment = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                           "OPENBLAS_NUM_THREADS": str(threads)}
-            out = subprocess.run([sys.executable, "-c", CHILD, library, str(threads)], env=environment,
-                                 capture_output=True, text=True)
+            environment = {
+                **os.environ,
+                **env,
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "OPENBLAS_NUM_THREADS": str(threads),
+            }
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, library, str(threads)], env=environment, capture_output=True, text=True
+            )
             if out.returncode != 0:
                 sys.exit(f"blas_vendor_hashes: {name} at {threads} threads failed:\n{out.stderr[-3000:]}")
             paths[f"{name}/{threads}t"] = json.loads(out.stdout)
     for profile in MODEL_PROFILES:
         for threads in (1, 2):
-            out = subprocess.run([sys.executable, "-c", MODEL_CHILD, profile, str(threads)], capture_output=True,
-                                 text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", MODEL_CHILD, profile, str(threads)], capture_output=True, text=True
+            )
             if out.returncode != 0:
-                sys.exit(f"blas_vendor_hashes: the model under {profile} at {threads} threads failed:\n"
-                         f"{out.stderr[-3000:]}")
+                sys.exit(
+                    f"blas_vendor_hashes: the model under {profile} at {threads} threads failed:\n{out.stderr[-3000:]}"
+                )
             paths[f"model/{profile}/{threads}t"] = json.loads(out.stdout.strip().splitlines()[-1])
     import numpy
     import torch
 
-    return {"cpu": cpu_model(), "machine": platform.machine(), "numpy": numpy.__version__, "torch": torch.__version__,
-            "paths": paths}
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "paths": paths,
+    }
 
 
 def main() -> None:

@@ -66,8 +66,11 @@ def main() -> None:
     for cbwr in sys.argv[1:] or ["AUTO", "AUTO,STRICT", "COMPATIBLE", "COMPATIBLE,STRICT"]:
         one, two = hashes(cbwr, 1), hashes(cbwr, 2)
         differ = [name for name in one if one[name] != two[name]]
-        print(f"MKL_CBWR={cbwr}: {len(differ)} of {len(one)} differ between 1 and 2 threads"
-              + (": " + "; ".join(differ) if differ else ""), flush=True)
+        print(
+            f"MKL_CBWR={cbwr}: {len(differ)} of {len(one)} differ between 1 and 2 threads"
+            + (": " + "; ".join(differ) if differ else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -128,8 +128,9 @@ def main() -> int:
         base = str(base_model.prepare_default())
     runs = {}
     for n in args.threads:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(n), args.profile, base, args.tiny_model],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(n), args.profile, base, args.tiny_model], capture_output=True, text=True
+        )
         if out.returncode != 0:
             sys.exit(f"thread_battery: the {n}-thread run failed:\n{out.stderr[-3000:]}")
         runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,7 +138,7 @@ def main() -> int:
     print(f"profile {args.profile}; threads {args.threads}; 'same' = identical bits at every thread count")
     print(f"{'op':<78} {'bits':<8} " + " ".join(f"{n:>3}t ms" for n in args.threads))
     for name in names:
-        same = len({runs[n][name]['hash'] for n in args.threads}) == 1
+        same = len({runs[n][name]["hash"] for n in args.threads}) == 1
         times = " ".join(f"{runs[n][name]['ms']:8.2f}" for n in args.threads)
         print(f"{name:<78} {'same' if same else 'DIFFER':<8} {times}")
     return 0

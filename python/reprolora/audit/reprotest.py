@@ -81,9 +81,17 @@ def _nix_like(work: Path) -> Setup:
     # What a Nix build's builder starts with (no user variables at all); the interpreter is named by full path.
     sandbox = work / "nix-build-top"
     sandbox.mkdir(exist_ok=True)
-    return Setup(whole_env={"HOME": "/homeless-shelter", "PATH": "/path-not-set", "TMPDIR": str(sandbox),
-                            "NIX_BUILD_TOP": str(sandbox), "NIX_BUILD_CORES": "1", "TERM": "xterm-256color"},
-                 cwd=sandbox)
+    return Setup(
+        whole_env={
+            "HOME": "/homeless-shelter",
+            "PATH": "/path-not-set",
+            "TMPDIR": str(sandbox),
+            "NIX_BUILD_TOP": str(sandbox),
+            "NIX_BUILD_CORES": "1",
+            "TERM": "xterm-256color",
+        },
+        cwd=sandbox,
+    )
 
 
 # name -> (what it varies, how it is set up). "plain" comes first and is the reference.
@@ -97,7 +105,10 @@ VARIATIONS: dict[str, tuple[str, Callable[[Path], Setup]]] = {
     "umask": ("umask 077", lambda work: Setup(umask=0o077)),
     "home-unset": ("HOME unset", lambda work: Setup(unset=("HOME", "XDG_CACHE_HOME"))),
     "home-unwritable": ("HOME=/dev/null (nothing can be written there)", _unwritable_home),
-    "omp-threads": ("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1", lambda work: Setup(env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})),
+    "omp-threads": (
+        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1",
+        lambda work: Setup(env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    ),
     "aten-capability": ("ATEN_CPU_CAPABILITY=default", lambda work: Setup(env={"ATEN_CPU_CAPABILITY": "default"})),
     "mkl-cbwr": ("MKL_CBWR=COMPATIBLE", lambda work: Setup(env={"MKL_CBWR": "COMPATIBLE"})),
     "no-network": ("no network (unshare -n)", _no_network),
@@ -128,7 +139,9 @@ def _folder_bytes(folder: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (sha256_file(p), p.stat().st_mode & 0o777) for p in sorted(folder.iterdir())}
 
 
-def run(train_args: list[str], variations: list[str], work: Path, report: Callable[[Row], None] = lambda row: None) -> list[Row]:
+def run(
+    train_args: list[str], variations: list[str], work: Path, report: Callable[[Row], None] = lambda row: None
+) -> list[Row]:
     """Train with `train_args` (absolute paths; -o is added) once per variation, each in a fresh process."""
     from reprolora.audit import diff
 
@@ -149,8 +162,14 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
             env.update(setup.env)
         command = [*setup.prefix, sys.executable, "-m", "reprolora", "train", "-q", *train_args, "-o", str(out)]
         umask = setup.umask
-        result = subprocess.run(command, env=env, cwd=setup.cwd or work, capture_output=True, text=True,
-                                preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+        result = subprocess.run(
+            command,
+            env=env,
+            cwd=setup.cwd or work,
+            capture_output=True,
+            text=True,
+            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+        )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             rows.append(Row(name, description, None, "failed", f"exit {result.returncode}: {last}"))
@@ -162,7 +181,9 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
             detail = "" if same else diff.diff(reference, out).verdict
             if same is False and not detail.startswith("different"):
                 detail = "same bytes, other file modes"
-            rows.append(Row(name, description, sha256_file(out / manifest.FILENAME), "same" if same else "different", detail))
+            rows.append(
+                Row(name, description, sha256_file(out / manifest.FILENAME), "same" if same else "different", detail)
+            )
         report(rows[-1])
         if name == "plain" and reference is None:
             break  # without a reference there is nothing to compare with

@@ -150,18 +150,25 @@ def _require(condition: bool, source: str, message: str) -> None:
 
 def validate(config: Config, source: str) -> Config:
     t, lora, data = config.train, config.lora, config.dataset
-    _require(config.profile in PROFILES, source, f"'profile' must be one of {', '.join(PROFILES)}, got {config.profile!r}")
+    _require(
+        config.profile in PROFILES, source, f"'profile' must be one of {', '.join(PROFILES)}, got {config.profile!r}"
+    )
     _require(1 <= config.threads <= 256, source, f"'threads' must be between 1 and 256, got {config.threads}")
     _require(config.seed >= 0, source, f"'seed' must be >= 0, got {config.seed}")
-    _require(0 < data.eval_fraction < 1, source, f"'dataset.eval_fraction' must be between 0 and 1, got {data.eval_fraction}")
+    _require(
+        0 < data.eval_fraction < 1, source, f"'dataset.eval_fraction' must be between 0 and 1, got {data.eval_fraction}"
+    )
     _require(data.max_seq_len >= 8, source, f"'dataset.max_seq_len' must be at least 8, got {data.max_seq_len}")
     _require(lora.r >= 1, source, f"'lora.r' must be at least 1, got {lora.r}")
     _require(lora.alpha >= 1, source, f"'lora.alpha' must be at least 1, got {lora.alpha}")
     _require(0 <= lora.dropout < 1, source, f"'lora.dropout' must be in [0, 1), got {lora.dropout}")
     if isinstance(lora.target_modules, str):
-        _require(lora.target_modules in PRESETS, source,
-                 f"'lora.target_modules' must be a list of module names or one of the presets {', '.join(PRESETS)}, "
-                 f"got {lora.target_modules!r}")
+        _require(
+            lora.target_modules in PRESETS,
+            source,
+            f"'lora.target_modules' must be a list of module names or one of the presets {', '.join(PRESETS)}, "
+            f"got {lora.target_modules!r}",
+        )
     else:
         _require(len(lora.target_modules) > 0, source, "'lora.target_modules' must name at least one module")
         _require(all(lora.target_modules), source, "'lora.target_modules' must not hold an empty name")
@@ -172,7 +179,11 @@ def validate(config: Config, source: str) -> Config:
     _require(t.micro_batch_size >= 1, source, f"'train.micro_batch_size' must be at least 1, got {t.micro_batch_size}")
     _require(t.eval_batch_size >= 1, source, f"'train.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
     _require(t.learning_rate > 0, source, f"'train.learning_rate' must be > 0, got {t.learning_rate}")
-    _require(t.lr_schedule in SCHEDULES, source, f"'train.lr_schedule' must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
+    _require(
+        t.lr_schedule in SCHEDULES,
+        source,
+        f"'train.lr_schedule' must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}",
+    )
     _require(0 <= t.warmup_ratio < 1, source, f"'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _require(t.weight_decay >= 0, source, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     _require(t.max_grad_norm > 0, source, f"'train.max_grad_norm' must be > 0, got {t.max_grad_norm}")

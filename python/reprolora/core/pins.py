@@ -219,9 +219,23 @@ def _openblas_version() -> str | None:
         return words[1] if len(words) > 1 and words[0] == "OpenBLAS" else None
     return None
 
+
 # MKL's code-path branches (mkl_cbwr.h), as mkl_cbwr_get(MKL_CBWR_BRANCH) returns them.
-_MKL_CBWR_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
-                      9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+_MKL_CBWR_BRANCHES = {
+    1: "OFF",
+    2: "AUTO",
+    3: "COMPATIBLE",
+    4: "SSE2",
+    6: "SSSE3",
+    7: "SSE4_1",
+    8: "SSE4_2",
+    9: "AVX",
+    10: "AVX2",
+    11: "AVX512_MIC",
+    12: "AVX512",
+    13: "AVX512_MIC_E1",
+    14: "AVX512_E1",
+}
 
 
 def process_state() -> dict[str, Any]:

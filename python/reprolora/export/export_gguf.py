@@ -22,19 +22,32 @@ from reprolora.core.errors import ReproloraError
 
 DTYPES = ("f32", "f16")
 # Hugging Face Llama tensor names -> llama.cpp's (gguf-py's tensor_mapping for LLM_ARCH_LLAMA).
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
+GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
 def permute(weights: Any, heads: int) -> Any:
     """q/k rows from Hugging Face's rotary order (halves) into llama.cpp's (interleaved pairs), per head."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def gguf_tensors(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +88,11 @@ def _default_gguf_tokenizer() -> list[tuple[str, Any, Any]]:
         path = Path(scratch) / base_model.GGUF_MEMBER
         base_model._check_sha256(path, base_model.GGUF_SHA256, "the GGUF model")
         reader = gguf.GGUFReader(str(path))
-        fields = [(name, field.contents(), field.types[0]) for name, field in reader.fields.items()
-                  if name.startswith("tokenizer.")]
+        fields = [
+            (name, field.contents(), field.types[0])
+            for name, field in reader.fields.items()
+            if name.startswith("tokenizer.")
+        ]
         del reader  # the file is memory-mapped: let it go before the folder is removed
     return fields
 
@@ -110,8 +126,12 @@ def _tokenizer_json_fields(folder: Path) -> list[tuple[str, Any, Any]]:
         ("tokenizer.ggml.token_type", [int(kinds.get(i, gguf.TokenType.NORMAL)) for i in range(len(tokens))], V.ARRAY),
         ("tokenizer.ggml.merges", merges, V.ARRAY),
     ]
-    for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
-                       ("unk_token", "unknown_token_id")):
+    for key, field in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("pad_token", "padding_token_id"),
+        ("unk_token", "unknown_token_id"),
+    ):
         token = config.get(key)
         if isinstance(token, dict):
             token = token.get("content")
@@ -153,8 +173,10 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     manifest = read_manifest(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
-        raise ReproloraError(f"{folder}/config.json: model_type {config.get('model_type')!r}; only the Llama family "
-                             "can be exported to GGUF")
+        raise ReproloraError(
+            f"{folder}/config.json: model_type {config.get('model_type')!r}; only the Llama family "
+            "can be exported to GGUF"
+        )
     if config.get("rope_scaling"):
         raise ReproloraError(f"{folder}/config.json: rope_scaling is not supported by this exporter")
     if out.exists():
@@ -168,8 +190,9 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer = _writer(staging)
-        writer.add_name(f"{manifest['base_model']['name']} + reprolora adapter "
-                        f"{manifest['adapter']['manifest_sha256'][:12]}")
+        writer.add_name(
+            f"{manifest['base_model']['name']} + reprolora adapter {manifest['adapter']['manifest_sha256'][:12]}"
+        )
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_context_length(config["max_position_embeddings"])
         writer.add_embedding_length(config["hidden_size"])

@@ -113,7 +113,9 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     reader = gguf.GGUFReader(str(gguf_path))
     meta = {name: field.contents() for name, field in reader.fields.items()}
     if meta.get("general.architecture") != "llama":
-        raise ReproloraError(f"{gguf_path}: only llama GGUF files are supported, got {meta.get('general.architecture')!r}")
+        raise ReproloraError(
+            f"{gguf_path}: only llama GGUF files are supported, got {meta.get('general.architecture')!r}"
+        )
     n_head = int(meta["llama.attention.head_count"])
     n_kv_head = int(meta["llama.attention.head_count_kv"])
 
@@ -191,14 +193,29 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """tokenizer.json and tokenizer_config.json for a GPT-2 style byte-level BPE GGUF vocabulary."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ReproloraError(f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}")
+        raise ReproloraError(
+            f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}"
+        )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     token_types: list[int] = list(meta["tokenizer.ggml.token_type"])
     control = 3  # llama.cpp's token type for special (control) tokens
-    specials = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, (tok, kind) in enumerate(zip(tokens, token_types)) if kind == control]
+    specials = [
+        {
+            "id": i,
+            "content": tok,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (tok, kind) in enumerate(zip(tokens, token_types))
+        if kind == control
+    ]
     # llama.cpp's "smollm" pre-tokenizer: single digits, then GPT-2's byte-level split.
-    pre_tokenizers: list[dict[str, Any]] = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]
+    pre_tokenizers: list[dict[str, Any]] = [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    ]
     if meta.get("tokenizer.ggml.pre") == "smollm":
         pre_tokenizers.insert(0, {"type": "Digits", "individual_digits": True})
     tokenizer = {
@@ -302,7 +319,9 @@ def check_local_folder(folder: Path) -> None:
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if pickled:
-            raise ReproloraError(f"{folder}: only pickled weights ({', '.join(pickled)}); reprolora loads safetensors only")
+            raise ReproloraError(
+                f"{folder}: only pickled weights ({', '.join(pickled)}); reprolora loads safetensors only"
+            )
         raise ReproloraError(f"{folder}: no .safetensors weights found")
 
 

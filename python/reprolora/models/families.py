@@ -28,8 +28,10 @@ FAMILIES: dict[str, dict[str, list[str]]] = {
     "mistral": _LLAMA_STYLE,
     "qwen2": _LLAMA_STYLE,
     "gpt2": {"attention": ["attn.c_attn", "attn.c_proj"], "all-linear": ["c_attn", "c_proj", "c_fc"]},
-    "gpt_neox": {"attention": ["query_key_value", "dense"],
-                 "all-linear": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]},
+    "gpt_neox": {
+        "attention": ["query_key_value", "dense"],
+        "all-linear": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    },
 }
 
 
@@ -38,8 +40,10 @@ def preset_modules(model_type: str, preset: str) -> list[str]:
     if preset not in PRESETS:
         raise ReproloraError(f"lora.target_modules: unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
     if model_type not in FAMILIES:
-        raise ReproloraError(f"lora.target_modules: preset {preset!r} is defined for model types {', '.join(sorted(FAMILIES))}, "
-                             f"not {model_type!r}; name the modules as a list")
+        raise ReproloraError(
+            f"lora.target_modules: preset {preset!r} is defined for model types {', '.join(sorted(FAMILIES))}, "
+            f"not {model_type!r}; name the modules as a list"
+        )
     return sorted(FAMILIES[model_type][preset])
 
 
@@ -57,7 +61,9 @@ def target_modules(model: Any, spec: str | list[str]) -> list[str]:
             raise ReproloraError(f"lora.target_modules: the base model has no module named {name!r}")
         other = next((m for m in found if not isinstance(m, (torch.nn.Linear, Conv1D, torch.nn.Embedding))), None)
         if other is not None:
-            raise ReproloraError(f"lora.target_modules: {name!r} names a {type(other).__name__}, not a linear layer LoRA can adapt")
+            raise ReproloraError(
+                f"lora.target_modules: {name!r} names a {type(other).__name__}, not a linear layer LoRA can adapt"
+            )
     return names
 
 

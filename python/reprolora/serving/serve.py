@@ -45,13 +45,34 @@ ROUTES = (
     Route("/metrics", "GET", "metrics", "Prometheus metrics"),
 )
 ROUTE_BY_PATH = {route.path: route for route in ROUTES}
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               411: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
 # Fields of OpenAI's completions and chat requests that greedy decoding can honour only at their neutral value.
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_p": 1, "presence_penalty": 0,
-           "frequency_penalty": 0}
-CHAT_NEUTRAL = {"n": 1, "logprobs": False, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0,
-                "parallel_tool_calls": None, "tool_choice": "none"}
+NEUTRAL = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "logprobs": None,
+    "top_p": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+}
+CHAT_NEUTRAL = {
+    "n": 1,
+    "logprobs": False,
+    "top_p": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "parallel_tool_calls": None,
+    "tool_choice": "none",
+}
 IGNORED = ("user", "seed")  # accepted and ignored: they can't change a greedy answer
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
@@ -110,31 +131,44 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            lines = ["# HELP reprolora_requests_total HTTP requests by route and status code.",
-                     "# TYPE reprolora_requests_total counter"]
-            lines += [f'reprolora_requests_total{{route="{route}",status="{status}"}} {n}'
-                      for (route, status), n in sorted(self.requests.items())]
-            lines += ["# HELP reprolora_request_duration_seconds Time from request read to response sent.",
-                      "# TYPE reprolora_request_duration_seconds summary"]
+            lines = [
+                "# HELP reprolora_requests_total HTTP requests by route and status code.",
+                "# TYPE reprolora_requests_total counter",
+            ]
+            lines += [
+                f'reprolora_requests_total{{route="{route}",status="{status}"}} {n}'
+                for (route, status), n in sorted(self.requests.items())
+            ]
+            lines += [
+                "# HELP reprolora_request_duration_seconds Time from request read to response sent.",
+                "# TYPE reprolora_request_duration_seconds summary",
+            ]
             for route, (total, count) in sorted(self.latency.items()):
                 lines.append(f'reprolora_request_duration_seconds_sum{{route="{route}"}} {total:.6f}')
                 lines.append(f'reprolora_request_duration_seconds_count{{route="{route}"}} {count}')
-            lines += ["# HELP reprolora_prompt_tokens_total Prompt tokens of answered completions.",
-                      "# TYPE reprolora_prompt_tokens_total counter", f"reprolora_prompt_tokens_total {self.prompt_tokens}",
-                      "# HELP reprolora_completion_tokens_total Generated tokens of answered completions.",
-                      "# TYPE reprolora_completion_tokens_total counter",
-                      f"reprolora_completion_tokens_total {self.completion_tokens}",
-                      "# HELP reprolora_queued_requests Completions waiting for the model.",
-                      "# TYPE reprolora_queued_requests gauge", f"reprolora_queued_requests {self.waiting}",
-                      "# HELP reprolora_decode_steps_total Decoding steps run (each a fixed number of rows).",
-                      "# TYPE reprolora_decode_steps_total counter", f"reprolora_decode_steps_total {self.decode_steps}",
-                      "# HELP reprolora_decode_rows_total Requests decoded in those steps, summed over the steps.",
-                      "# TYPE reprolora_decode_rows_total counter", f"reprolora_decode_rows_total {self.decode_rows}",
-                      "# HELP reprolora_guessed_tokens_total Idle rows of those steps that carried a guessed token.",
-                      "# TYPE reprolora_guessed_tokens_total counter", f"reprolora_guessed_tokens_total {self.guessed_tokens}",
-                      "# HELP reprolora_accepted_guesses_total Guessed tokens that were right (decoded beyond one a step).",
-                      "# TYPE reprolora_accepted_guesses_total counter",
-                      f"reprolora_accepted_guesses_total {self.accepted_guesses}"]
+            lines += [
+                "# HELP reprolora_prompt_tokens_total Prompt tokens of answered completions.",
+                "# TYPE reprolora_prompt_tokens_total counter",
+                f"reprolora_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP reprolora_completion_tokens_total Generated tokens of answered completions.",
+                "# TYPE reprolora_completion_tokens_total counter",
+                f"reprolora_completion_tokens_total {self.completion_tokens}",
+                "# HELP reprolora_queued_requests Completions waiting for the model.",
+                "# TYPE reprolora_queued_requests gauge",
+                f"reprolora_queued_requests {self.waiting}",
+                "# HELP reprolora_decode_steps_total Decoding steps run (each a fixed number of rows).",
+                "# TYPE reprolora_decode_steps_total counter",
+                f"reprolora_decode_steps_total {self.decode_steps}",
+                "# HELP reprolora_decode_rows_total Requests decoded in those steps, summed over the steps.",
+                "# TYPE reprolora_decode_rows_total counter",
+                f"reprolora_decode_rows_total {self.decode_rows}",
+                "# HELP reprolora_guessed_tokens_total Idle rows of those steps that carried a guessed token.",
+                "# TYPE reprolora_guessed_tokens_total counter",
+                f"reprolora_guessed_tokens_total {self.guessed_tokens}",
+                "# HELP reprolora_accepted_guesses_total Guessed tokens that were right (decoded beyond one a step).",
+                "# TYPE reprolora_accepted_guesses_total counter",
+                f"reprolora_accepted_guesses_total {self.accepted_guesses}",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -166,11 +200,20 @@ def _object(body: bytes) -> dict[str, Any]:
     return request
 
 
-def _common(request: dict[str, Any], model_id: str, limits: Limits, neutral: dict[str, Any], allowed: set[str],
-            max_tokens_fields: tuple[str, ...]) -> tuple[int, list[str], bool, bool]:
+def _common(
+    request: dict[str, Any],
+    model_id: str,
+    limits: Limits,
+    neutral: dict[str, Any],
+    allowed: set[str],
+    max_tokens_fields: tuple[str, ...],
+) -> tuple[int, list[str], bool, bool]:
     """(max_tokens, stops, stream, include_usage): the fields completions and chat share, checked."""
-    unknown = sorted(set(request) - allowed - {"model", "stop", "temperature", "stream", "stream_options", *neutral,
-                                               *IGNORED, *max_tokens_fields})
+    unknown = sorted(
+        set(request)
+        - allowed
+        - {"model", "stop", "temperature", "stream", "stream_options", *neutral, *IGNORED, *max_tokens_fields}
+    )
     if unknown:
         raise RequestError(400, f"unsupported field(s): {', '.join(unknown)}")
     if "model" in request and request["model"] != model_id:
@@ -180,7 +223,9 @@ def _common(request: dict[str, Any], model_id: str, limits: Limits, neutral: dic
         raise RequestError(400, f"'temperature' must be 0 or absent: this server decodes greedily, got {temperature!r}")
     for name, wanted in neutral.items():
         if name in request and request[name] is not None and not _neutral(request[name], wanted):
-            raise RequestError(400, f"'{name}' is not supported except as {json.dumps(wanted)}, got {json.dumps(request[name])}")
+            raise RequestError(
+                400, f"'{name}' is not supported except as {json.dumps(wanted)}, got {json.dumps(request[name])}"
+            )
     given = [name for name in max_tokens_fields if request.get(name) is not None]
     if len(given) > 1:
         raise RequestError(400, f"give one of {' and '.join(repr(n) for n in given)}, not both")
@@ -200,8 +245,11 @@ def _common(request: dict[str, Any], model_id: str, limits: Limits, neutral: dic
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(400, f"'stream' must be true or false, got {json.dumps(stream)}")
     options = request.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage", False), bool)):
+    if options is not None and (
+        not isinstance(options, dict)
+        or set(options) - {"include_usage"}
+        or not isinstance(options.get("include_usage", False), bool)
+    ):
         raise RequestError(400, "'stream_options' may only hold 'include_usage': true or false")
     if options is not None and not stream:
         raise RequestError(400, "'stream_options' is only allowed with 'stream': true")
@@ -237,8 +285,9 @@ def _message_text(content: Any, where: str) -> str:
 def parse_chat_request(body: bytes, model_id: str, limits: Limits) -> Request:
     """A chat completions request, or a RequestError saying what is wrong."""
     request = _object(body)
-    max_tokens, stops, stream, usage = _common(request, model_id, limits, CHAT_NEUTRAL, {"messages"},
-                                               ("max_completion_tokens", "max_tokens"))
+    max_tokens, stops, stream, usage = _common(
+        request, model_id, limits, CHAT_NEUTRAL, {"messages"}, ("max_completion_tokens", "max_tokens")
+    )
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' is required and must be a non-empty list")
@@ -275,12 +324,12 @@ class TextStream:
             return  # wait: an incomplete character, or the answer ends here (finish sends the rest)
         safe = text[: len(text) - self.hold] if self.hold else text
         if len(safe) > len(self.sent):
-            self.send(safe[len(self.sent):])
+            self.send(safe[len(self.sent) :])
             self.sent = safe
 
     def finish(self, text: str) -> None:
         if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.send(text[len(self.sent):])
+            self.send(text[len(self.sent) :])
             self.sent = text
 
 
@@ -342,10 +391,15 @@ class Decoder:
             ids = request_ids(self.model.tokenizer, request.prompt)
             job.prompt_tokens = len(ids)
             if len(ids) > self.limits.max_prompt_tokens:
-                raise RequestError(400, f"prompt is {len(ids)} tokens; this server allows at most {self.limits.max_prompt_tokens}")
+                raise RequestError(
+                    400, f"prompt is {len(ids)} tokens; this server allows at most {self.limits.max_prompt_tokens}"
+                )
             if len(ids) + request.max_tokens > self.model.context_length:
-                raise RequestError(400, f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
-                                        f"context length of {self.model.context_length}")
+                raise RequestError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's "
+                    f"context length of {self.model.context_length}",
+                )
             sequence = self.engine.start(ids, request.max_tokens, request.stops or None, job.on_token)
         except Exception as e:  # noqa: BLE001 - the handler thread reports it (a RequestError) or logs it (a bug)
             job.finish(error=e)
@@ -421,8 +475,15 @@ class Server(ThreadingHTTPServer):
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.model.id,
-            "choices": [{"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason,
-                         **_proof(completion)}],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": completion.text,
+                    "logprobs": None,
+                    "finish_reason": completion.finish_reason,
+                    **_proof(completion),
+                }
+            ],
             "usage": _usage(n_prompt, completion),
         }
 
@@ -435,8 +496,15 @@ class Server(ThreadingHTTPServer):
             "created": int(time.time()),
             "model": self.model.id,
             "system_fingerprint": self.fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
-                         "logprobs": None, "finish_reason": completion.finish_reason, **_proof(completion)}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": completion.finish_reason,
+                    **_proof(completion),
+                }
+            ],
             "usage": _usage(n_prompt, completion),
         }
 
@@ -448,8 +516,11 @@ class Server(ThreadingHTTPServer):
 
 def _proof(completion: Any) -> dict[str, Any]:
     """Extensions of each choice: what makes two answers comparable bit for bit."""
-    return {"token_ids": completion.token_ids, "token_ids_sha256": infer.token_ids_sha256(completion.token_ids),
-            "logits_sha256": completion.logits_sha256}
+    return {
+        "token_ids": completion.token_ids,
+        "token_ids_sha256": infer.token_ids_sha256(completion.token_ids),
+        "logits_sha256": completion.logits_sha256,
+    }
 
 
 def _usage(n_prompt: int, completion: Any) -> dict[str, int]:
@@ -513,25 +584,47 @@ class Handler(BaseHTTPRequestHandler):
 
     def models(self) -> tuple[int, bytes, str]:
         model = self.server.model
-        return 200, _json({"object": "list", "data": [{
-            "id": model.id, "object": "model", "created": self.server.started, "owned_by": "reprolora",
-            "manifest_sha256": model.manifest_sha256,
-            "base_model": model.manifest.inputs.base_model.name,
-        }]}), "application/json"
+        return (
+            200,
+            _json(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": model.id,
+                            "object": "model",
+                            "created": self.server.started,
+                            "owned_by": "reprolora",
+                            "manifest_sha256": model.manifest_sha256,
+                            "base_model": model.manifest.inputs.base_model.name,
+                        }
+                    ],
+                }
+            ),
+            "application/json",
+        )
 
     def completions(self) -> tuple[int, bytes, str] | None:
         server = self.server
         request = parse_completion_request(self._read_body(), server.model.id, server.limits)
         if not request.stream:
             return 200, _json(server.complete(request.prompt, request.max_tokens, request.stops)), "application/json"
-        head = {"id": f"cmpl-{next(server.ids)}", "object": "text_completion", "created": int(time.time()),
-                "model": server.model.id}
+        head = {
+            "id": f"cmpl-{next(server.ids)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": server.model.id,
+        }
 
         def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
             return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **extra}]}
 
-        self._stream(request, lambda delta: chunk(delta),
-                     lambda completion: chunk("", completion.finish_reason, **_proof(completion)), head)
+        self._stream(
+            request,
+            lambda delta: chunk(delta),
+            lambda completion: chunk("", completion.finish_reason, **_proof(completion)),
+            head,
+        )
         return None
 
     def chat_completions(self) -> tuple[int, bytes, str] | None:
@@ -539,20 +632,38 @@ class Handler(BaseHTTPRequestHandler):
         request = parse_chat_request(self._read_body(), server.model.id, server.limits)
         if not request.stream:
             return 200, _json(server.chat(request)), "application/json"
-        head = {"id": f"chatcmpl-{next(server.ids)}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": server.model.id, "system_fingerprint": server.fingerprint}
+        head = {
+            "id": f"chatcmpl-{next(server.ids)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": server.model.id,
+            "system_fingerprint": server.fingerprint,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}]}
+            return {
+                **head,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}],
+            }
 
         # OpenAI's first chunk carries the role, and the content deltas follow.
-        self._stream(request, lambda delta: chunk({"content": delta}),
-                     lambda completion: chunk({}, completion.finish_reason, **_proof(completion)), head,
-                     first=chunk({"role": "assistant", "content": ""}))
+        self._stream(
+            request,
+            lambda delta: chunk({"content": delta}),
+            lambda completion: chunk({}, completion.finish_reason, **_proof(completion)),
+            head,
+            first=chunk({"role": "assistant", "content": ""}),
+        )
         return None
 
-    def _stream(self, request: Request, delta_chunk: Any, last_chunk: Any, head: dict[str, Any],
-                first: dict[str, Any] | None = None) -> None:
+    def _stream(
+        self,
+        request: Request,
+        delta_chunk: Any,
+        last_chunk: Any,
+        head: dict[str, Any],
+        first: dict[str, Any] | None = None,
+    ) -> None:
         """Answer as server-sent events: `data: {chunk}` per text delta, the finish chunk, then `data: [DONE]`.
 
         The status line goes out with the first token, so a request that breaks a limit still gets a JSON error.
@@ -622,7 +733,9 @@ class Handler(BaseHTTPRequestHandler):
             remaining = min(size, 1 << 20)
             while remaining > 0 and (chunk := self.rfile.read(min(remaining, 65536))):
                 remaining -= len(chunk)
-            raise RequestError(413, f"request body is {size} bytes; this server allows at most {self.server.limits.max_body_bytes}")
+            raise RequestError(
+                413, f"request body is {size} bytes; this server allows at most {self.server.limits.max_body_bytes}"
+            )
         body = self.rfile.read(size)
         if len(body) != size:
             raise RequestError(400, f"request body ended after {len(body)} of {size} bytes")
@@ -663,15 +776,22 @@ def run(model: infer.Model, host: str, port: int, limits: Limits = Limits()) -> 
     def stop(signum: int, frame: Any) -> None:
         if not stopping.is_set():
             stopping.set()
-            print(f"reprolora: {signal.Signals(signum).name}: finishing requests in flight, then exiting", file=sys.stderr, flush=True)
+            print(
+                f"reprolora: {signal.Signals(signum).name}: finishing requests in flight, then exiting",
+                file=sys.stderr,
+                flush=True,
+            )
             # shutdown() waits for serve_forever() to return, which runs in this (the main) thread: call it from another.
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     bound_host, bound_port = server.server_address[:2]
-    print(f"reprolora: serving {model.id} on http://{bound_host}:{bound_port} (loaded in {model.load_seconds:.1f} s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"reprolora: serving {model.id} on http://{bound_host}:{bound_port} (loaded in {model.load_seconds:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

@@ -16,8 +16,13 @@ class AdamW:
     division are ATen's own kernels, exact IEEE operations.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params = params
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
