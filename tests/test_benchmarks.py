@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import tiny
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "python" / "benchmarks"

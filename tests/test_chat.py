@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from test_serve import Server
 
 from conftest import run_cli
-from test_serve import Server
 
 openai = pytest.importorskip("openai")
 

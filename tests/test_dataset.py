@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-import tiny
+from reprolora.core.errors import ReproloraError
 from reprolora.data import dataset
 from reprolora.data.dataset import IGNORE
-from reprolora.core.errors import ReproloraError
+
+import tiny
 
 
 @pytest.fixture(scope="module")

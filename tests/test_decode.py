@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import torch
 
+from reprolora.data.dataset import prompt_ids
+from reprolora.decoding import generate
+
 import tiny
 from conftest import run_cli
-from reprolora.decoding import generate
-from reprolora.data.dataset import prompt_ids
 
 PROMPTS = [
     "Why pin seeds?",

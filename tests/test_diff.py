@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reprolora.audit import diff
+
 import tiny
 from conftest import run_cli
-from reprolora.audit import diff
 
 
 @pytest.fixture(scope="module")

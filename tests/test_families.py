@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import tiny
-from conftest import run_cli
+from reprolora.core.errors import ReproloraError
 from reprolora.data import dataset
 from reprolora.models import families
-from reprolora.core.errors import ReproloraError
+
+import tiny
+from conftest import run_cli
 
 # Short on purpose (3 steps): what is tested is that every family runs the whole path and gives the same bytes twice.
 JOB = """\

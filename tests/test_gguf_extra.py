@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from reprolora.models import base_model
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 
 def test_conversion_without_gguf_fails_with_one_clear_line_before_downloading(tmp_path, monkeypatch):

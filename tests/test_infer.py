@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from reprolora.core.canonical import canonical_json, file_entry
+
+from conftest import run_cli
 
 PROMPT = "Why pin seeds?"
 

@@ -276,8 +276,8 @@ def test_layout_reproduces_the_default_models_own_gguf():
     import gguf
     from safetensors.numpy import load_file
 
-    from reprolora.models import base_model
     from reprolora.export import export_gguf
+    from reprolora.models import base_model
 
     folder = base_model.prepare_default()
     config = json.loads((folder / "config.json").read_text())

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from reprolora.models import base_model
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 

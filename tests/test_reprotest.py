@@ -2,8 +2,9 @@
 
 import json
 
-from conftest import run_cli
 from reprolora.audit import reprotest
+
+from conftest import run_cli
 
 
 def test_quick_passes_under_every_variation():

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import file_bytes
 
 from conftest import run_cli
-from test_train import file_bytes
 
 
 def train_command(config: Path, model: Path, data: Path, out: Path, *extra: str) -> list[str]:

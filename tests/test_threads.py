@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+
 from conftest import run_cli
 
 # The profiles whose bytes hold at any thread count (portable-fast is x86-64 only: MKL's AVX2 branch).

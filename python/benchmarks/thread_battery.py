@@ -13,7 +13,6 @@ are the same at every thread count, and the time at each.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys

@@ -21,10 +21,10 @@ from typing import Any
 
 from reprolora import __version__
 from reprolora.core import adapter
-from reprolora.models import base_model
 from reprolora.core import manifest as manifest_file
 from reprolora.core.canonical import canonical_json, sha256_bytes, sha256_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"

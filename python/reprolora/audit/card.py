@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from reprolora.core import adapter
-from reprolora.models import base_model
 from reprolora.core import manifest as manifest_file
 from reprolora.core.canonical import canonical_json, file_entry, sha256_bytes, write_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 CARD = "README.md"
 # The default model's Hugging Face id; its license is the one the card states for adapters trained on it.

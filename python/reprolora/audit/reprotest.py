@@ -12,9 +12,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprolora.core import manifest
 from reprolora.core.canonical import sha256_file
@@ -205,8 +206,8 @@ def quick_job(work: Path) -> list[str]:
 
 def job(config: str | None, base_model_dir: str | None, dataset: str | None) -> list[str]:
     """Train arguments for a user's job, paths made absolute; the default base model is prepared here once."""
-    from reprolora.models import base_model
     from reprolora.core import config as config_module
+    from reprolora.models import base_model
 
     args = []
     if config:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from reprolora import __version__
-from reprolora.core import pins
 from reprolora.audit.reprotest import VARIATIONS as REPROTEST_VARIATIONS  # standard library only: no torch yet
+from reprolora.core import pins
 from reprolora.core.errors import ReproloraError
 
 
@@ -127,8 +127,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from reprolora.export import export_gguf
     from reprolora.core.canonical import sha256_file
+    from reprolora.export import export_gguf
 
     out = Path(args.output)
     export_gguf.export(Path(args.folder), out, args.dtype)

@@ -16,8 +16,8 @@ from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
 from reprolora.core.errors import ReproloraError
-from reprolora.models.families import PRESETS
 from reprolora.core.pins import PROFILES
+from reprolora.models.families import PRESETS
 
 SCHEDULES = ("cosine", "linear", "constant")
 

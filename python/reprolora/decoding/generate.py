@@ -39,14 +39,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from reprolora.core import pins
-from reprolora.data.dataset import Messages, prompt_ids
 from reprolora.core.errors import ReproloraError
+from reprolora.data.dataset import Messages, prompt_ids
 
 SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
 NARROW = 64  # products with at most this many outputs are summed by ATen (module docstring)

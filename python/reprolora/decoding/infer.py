@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from reprolora.core import adapter, manifest, pins
-from reprolora.models import base_model
 from reprolora.core.canonical import sha256_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from reprolora.models import base_model
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 DTYPES = ("f32", "f16")
 # Hugging Face Llama tensor names -> llama.cpp's (gguf-py's tensor_mapping for LLM_ARCH_LLAMA).

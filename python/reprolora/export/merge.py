@@ -11,11 +11,10 @@ from x @ W + s (x @ A) @ B. `merge` measures by how much, on the golden probes, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
-
-import json
 
 from reprolora.core import manifest as manifest_file
 from reprolora.core import pins

@@ -28,16 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora.core import adapter, manifest, pins
-from reprolora.models import base_model, families
 from reprolora.audit import card
-from reprolora.training import checkpoint, distributed
-from reprolora.data import dataset
+from reprolora.core import adapter, manifest, pins
 from reprolora.core.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.core.config import Config
+from reprolora.data import dataset
 from reprolora.data.dataset import IGNORE, Tokenized
 from reprolora.decoding.generate import greedy
+from reprolora.models import base_model, families
 from reprolora.models.loading import load_model_and_tokenizer, toolchain
+from reprolora.training import checkpoint, distributed
 from reprolora.training.optim import AdamW, learning_rate
 
 # No reduction in the step sums more elements than this at once: ATen splits a reduction over 32,768 elements
