@@ -312,7 +312,8 @@ MUTANTS = [
             Edit(
                 "python/reprolora/training/distributed.py",
                 "        return [received[i % self.size][i // self.size] for i in range(count)]",
-                "        return [received[r][k] for r in range(self.size) for k in range(rows) if k * self.size + r < count]",
+                "        return [received[r][k] for r in range(self.size) for k in range(rows) "
+                "if k * self.size + r < count]",
             )
         ],
         ["tests/test_distributed.py::test_world_size_gives_the_single_process_bytes[2]"],

@@ -66,7 +66,7 @@ class Arm64:
         started, cpu = time.perf_counter(), _children_cpu_seconds()
         processes = [self.start(*command) for command in commands]
         results = []
-        for command, process in zip(commands, processes):
+        for command, process in zip(commands, processes, strict=True):
             stdout, stderr = process.communicate(timeout=1800)
             results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
         self.say(f"{step}: {time.perf_counter() - started:.1f} s wall, {_children_cpu_seconds() - cpu:.1f} s CPU")
@@ -139,7 +139,7 @@ def arm64_adapters(arm64: Arm64) -> dict[str, list[Path]]:
             )
             for profile in PROFILES
         ]
-        for profile, result in zip(PROFILES, arm64.run(f"train native and portable ({run})", *commands)):
+        for profile, result in zip(PROFILES, arm64.run(f"train native and portable ({run})", *commands), strict=True):
             assert result.returncode == 0, (
                 f"train {profile} ({run}): exit {result.returncode}:\n{result.stderr[-3000:]}"
             )
@@ -228,7 +228,7 @@ def arm64_checks(
         "verify x86_64": (*reprolora, "verify", "/work/x86_64"),
         "verify tampered": (*reprolora, "verify", "/work/x86_64-tampered"),
     }
-    return dict(zip(commands, arm64.run(f"{', '.join(commands)} (side by side)", *commands.values())))
+    return dict(zip(commands, arm64.run(f"{', '.join(commands)} (side by side)", *commands.values()), strict=True))
 
 
 def ok(result: subprocess.CompletedProcess, expect: int = 0) -> subprocess.CompletedProcess:

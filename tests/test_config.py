@@ -43,7 +43,8 @@ def test_integer_is_accepted_where_a_number_is_expected(tmp_path):
         ("[lora]\nr = true\n", "'lora.r' must be an integer"),
         (
             '[lora]\ntarget_modules = "q_proj"\n',
-            "'lora.target_modules' must be a list of module names or one of the presets attention, all-linear, got 'q_proj'",
+            "'lora.target_modules' must be a list of module names or one of the presets attention, all-linear, "
+            "got 'q_proj'",
         ),
         ("[lora]\ntarget_modules = 3\n", "'lora.target_modules' must be a list of strings or a string, got int 3"),
         ('[lora]\ntarget_modules = [""]\n', "'lora.target_modules' must not hold an empty name"),

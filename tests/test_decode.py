@@ -1,5 +1,5 @@
-"""The decoding engine (reprolora.decoding.generate): HF's numbers for every family, and answers that do not depend on what
-else is decoded with them, in process and through a running `reprolora serve`."""
+"""The decoding engine (reprolora.decoding.generate): HF's numbers for every family, and answers that do not depend on
+what else is decoded with them, in process and through a running `reprolora serve`."""
 
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> Non
 def test_packed_products_under_every_profile_but_portable() -> None:
     """`portable` promises the same bytes on Intel and AMD through MKL's COMPATIBLE path: its decoder keeps MKL."""
     code = (
-        "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); from reprolora.decoding import generate; "
+        "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); "
+        "from reprolora.decoding import generate; "
         "print(generate.packs_weights())"
     )
     used = {
@@ -199,7 +200,8 @@ def test_lookup_guesses_what_followed_the_latest_match() -> None:
 
 
 def run_staggered(engine: generate.Engine, requests: list[tuple[int, list[int], int]]) -> list[generate.Completion]:
-    """Decode `requests` (arrival step, prompt ids, max new tokens) as a server does: arrivals join the running batch."""
+    """Decode `requests` (arrival step, prompt ids, max new tokens) as a server does: arrivals join the running
+    batch."""
     pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
     active: list[tuple[int, generate.Sequence]] = []
     done: dict[int, generate.Completion] = {}
@@ -236,7 +238,7 @@ def test_an_answer_does_not_depend_on_the_others(family_models, family: str, oth
         requests += [((k * 2) % 7, ids_of(tokenizer, PROMPTS[1 + k % 7]), 5 + 7 * k % 23) for k in range(others)]
         results = run_staggered(engine, requests)
         assert results[0] == alone, f"target arriving at step {target_arrives} among {others} others"
-        for (_, ids, new), got in zip(requests[1:], results[1:]):
+        for (_, ids, new), got in zip(requests[1:], results[1:], strict=True):
             assert got == run_staggered(engine, [(0, ids, new)])[0]
 
 

@@ -23,7 +23,8 @@ def test_conversion_without_gguf_fails_with_one_clear_line_before_downloading(tm
 
 def test_training_inference_and_serving_never_import_gguf():
     code = (
-        "import sys; import reprolora.cli.main, reprolora.training.train, reprolora.decoding.infer, reprolora.serving.serve, reprolora.core.adapter; "
+        "import sys; import reprolora.cli.main, reprolora.training.train, reprolora.decoding.infer, "
+        "reprolora.serving.serve, reprolora.core.adapter; "
         "sys.exit('gguf' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

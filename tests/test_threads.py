@@ -125,7 +125,8 @@ DECODER_PRODUCTS = textwrap.dedent("""
     for width, r in ((576, 4), (576, 16), (16, 4)):
         holder = torch.nn.Module()
         holder.q_proj = torch.nn.Linear(576, width)
-        layer = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"]), holder).q_proj.eval()
+        lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])
+        layer = inject_adapter_in_model(lora, holder).q_proj.eval()
         with torch.no_grad():
             layer.base_layer.weight.copy_(rand(width, 576, seed=3) * 0.04)
             layer.base_layer.bias.copy_(rand(width, seed=4) * 0.01)

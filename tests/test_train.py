@@ -317,7 +317,8 @@ PEFT_CHECK = textwrap.dedent("""
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for probe in manifest["probes"]["results"]:
         got = greedy(model, tokenizer, probe["prompt"], manifest["probes"]["max_new_tokens"])
-        print(json.dumps({"ids": got.token_ids == probe["token_ids"], "logits": got.logits_sha256 == probe["logits_sha256"]}))
+        same = {"ids": got.token_ids == probe["token_ids"], "logits": got.logits_sha256 == probe["logits_sha256"]}
+        print(json.dumps(same))
 """)
 
 
@@ -368,7 +369,8 @@ def canonical(value) -> bytes:
 
 
 def test_every_hash_in_the_manifest_is_what_it_covers(tiny_adapter, tiny_base_model, tiny_dataset):
-    """Recomputed here with hashlib from the files and values they cover (the probes' logits: test_infer replays them)."""
+    """Recomputed here with hashlib from the files and values they cover (the probes' logits: test_infer replays
+    them)."""
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         data = (tiny_adapter / name).read_bytes()

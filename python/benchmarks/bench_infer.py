@@ -1,8 +1,8 @@
 """Benchmark: `reprolora infer`'s decoding against plain transformers + peft `generate`, the memory-bandwidth bound,
 and `serve` under load.
 
-Part 1, in this process: the adapter is loaded twice, once by reprolora.decoding.infer (hash checks, pins, PeftModel) and
-once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
+Part 1, in this process: the adapter is loaded twice, once by reprolora.decoding.infer (hash checks, pins, PeftModel)
+and once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
 greedily, in `--repeats` back-to-back rounds (each path first in turn), as does reprolora's engine with its idle
 rows left empty (no guesses: one token a step). All run under the adapter's determinism pins, which this process
 applies before torch loads, so the comparison is between the decoding paths. Reported: tokens/s over a full answer
@@ -153,9 +153,9 @@ def bench_decoding(
             "all_first_token_s": first,
         }
     for kind in ("full", "first"):
-        pairs = zip(times["reprolora"][kind], times["plain"][kind])
+        pairs = zip(times["reprolora"][kind], times["plain"][kind], strict=True)
         result[f"speedup_{kind}"] = median([b / a for a, b in pairs])  # plain's time / reprolora's time
-        pairs = zip(times["reprolora"][kind], times["one_a_step"][kind])
+        pairs = zip(times["reprolora"][kind], times["one_a_step"][kind], strict=True)
         result[f"guess_speedup_{kind}"] = median([b / a for a, b in pairs])
     result["bound"] = bandwidth_bound(model.causal_lm)
     result["bound"]["reached"] = result["reprolora"]["tokens_per_s"] / result["bound"]["tokens_per_s"]
@@ -348,7 +348,8 @@ def main() -> None:
     print(
         f"machine: {os.cpu_count()} CPUs, torch threads {d['threads']}, cpu capability {d['cpu_capability']}; "
         f"prompt {prompt!r} ({d['prompt_tokens']} tokens), up to {args.max_new_tokens} new tokens, "
-        f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; reprolora load (hash checks included) {d['load_s']:.1f} s"
+        f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; "
+        f"reprolora load (hash checks included) {d['load_s']:.1f} s"
     )
     print(f"{'path':<28} {'tokens':>6} {'tokens/s':>9} {'first token s':>14}   (median; best)")
     for label, r in (
@@ -366,7 +367,8 @@ def main() -> None:
     )
     g = d["guessing"]
     print(
-        f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps ({g['tokens'] / max(1, g['steps']):.2f} a step), "
+        f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps "
+        f"({g['tokens'] / max(1, g['steps']):.2f} a step), "
         f"{g['accepted']} of {g['guessed']} guesses right; speed-up over the same engine without guesses "
         f"{d['guess_speedup_full']:.2f}x per token"
     )
@@ -388,14 +390,16 @@ def main() -> None:
     print(f"{'run':<26} {'requests/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7}")
     for label, r in rows:
         print(
-            f"{label:<26} {r['requests_per_s']:10.2f} {r['tokens_per_s']:9.1f} {r['latency_p50_s']:7.2f} {r['latency_p99_s']:7.2f}"
+            f"{label:<26} {r['requests_per_s']:10.2f} {r['tokens_per_s']:9.1f} "
+            f"{r['latency_p50_s']:7.2f} {r['latency_p99_s']:7.2f}"
         )
     together = s["together"]["requests_per_s"]
     print(
         f"serve: {args.clients} clients / 1 client {together / s['alone']['requests_per_s']:.2f}x, / plain generate "
         f"serially {together / d['plain_serial']['requests_per_s']:.2f}x, / the 0.74 requests/s before batching "
         f"{together / 0.74:.2f}x; errors {s['together']['errors'] + s['alone']['errors']}; answers identical to alone: "
-        f"{'yes' if s['identical_to_alone'] else 'NO'}; equal to the golden probes: {'yes' if s['match_probes'] else 'NO'}; "
+        f"{'yes' if s['identical_to_alone'] else 'NO'}; "
+        f"equal to the golden probes: {'yes' if s['match_probes'] else 'NO'}; "
         f"exit code after SIGTERM {s['exit_code']}"
     )
     print(json.dumps({"decoding": d, "serve": s}, sort_keys=True))

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 MEASURE = r"""
 import json, resource, subprocess, sys
 code = subprocess.run(sys.argv[1:]).returncode
-print(json.dumps({"rc": code, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}), file=sys.stderr)
+peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"rc": code, "peak_rss_mb": peak_rss_mb}), file=sys.stderr)
 """
 
 # SmolLM2-360M's shape (its config.json), with random weights: the benchmark needs its size, not its knowledge.
@@ -51,9 +52,9 @@ folder.mkdir(parents=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     if (tokenizer_from / name).exists():
         shutil.copy(tokenizer_from / name, folder / name)
-config = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                     num_key_value_heads=5, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+config = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                     num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 torch.manual_seed(0)
 model = LlamaForCausalLM(config)
 model.save_pretrained(folder, safe_serialization=True)
@@ -130,7 +131,8 @@ def main() -> None:
         cut = write_config(scratch / "cut.toml", threads=2, steps=args.steps)
         if {"tiny", "135M", "360M"} & set(rows):
             print(
-                f"Model size: the default job cut to {args.steps} steps, 2 threads; step time ratio against the first row"
+                f"Model size: the default job cut to {args.steps} steps, 2 threads; "
+                "step time ratio against the first row"
             )
             print(HEADER, flush=True)
         reference = None
@@ -159,7 +161,8 @@ def main() -> None:
             return
         if importlib.util.find_spec("reprolora.training.distributed") is None:
             print(
-                "\nWorld size 1 against 2: left out, this reprolora has no data parallelism (reprolora.training.distributed)"
+                "\nWorld size 1 against 2: left out, this reprolora has no data parallelism "
+                "(reprolora.training.distributed)"
             )
             return
         torchrun = [

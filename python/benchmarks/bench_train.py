@@ -1,6 +1,7 @@
 """Benchmark: the default job with reprolora under each profile against the HF Trainer + peft doing the same job.
 
-    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--profiles native,...] [--base-model DIR] [--quick]
+    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--profiles native,...]
+                                            [--base-model DIR] [--quick]
 
 Same base model, same tokenized examples, same number of steps, batch size, learning rate and schedule; the
 Trainer runs with its defaults (no determinism pins, padded batches of 4). Every run is a fresh process; the

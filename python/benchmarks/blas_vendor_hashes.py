@@ -57,7 +57,8 @@ for tokens in (40, 100, 157, 600):
         x, w, dy = rand(tokens, k), rand(k, n) * np.float32(0.05), rand(tokens, n)
         # forward x.w, the input gradient dy.w^T and the weight gradient x^T.dy (a reduction over the tokens)
         for name, a, b in (("fwd", x, w), ("dx", dy, np.ascontiguousarray(w.T)), ("dw", np.ascontiguousarray(x.T), dy)):
-            results[f"T={tokens} [{k}x{n}] {name}"] = hashlib.sha256(np.ascontiguousarray(matmul(a, b)).tobytes()).hexdigest()
+            product = np.ascontiguousarray(matmul(a, b))
+            results[f"T={tokens} [{k}x{n}] {name}"] = hashlib.sha256(product.tobytes()).hexdigest()
 print(json.dumps(results))
 """
 

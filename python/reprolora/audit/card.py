@@ -169,7 +169,8 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
             [(f"`{n}`", f"`{e['sha256']}` ({e['size']} bytes)") for n, e in sorted(files.items())], ("file", "sha256")
         ),
         "",
-        "`manifest.json` records these and this card's sha256; an attestation (`reprolora attest`) records every file's.",
+        "`manifest.json` records these and this card's sha256; an attestation (`reprolora attest`) records every "
+        "file's.",
         "",
         "## Toolchain",
         "",
@@ -201,8 +202,8 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
             "sh",
         ),
         "",
-        "Nix route (the toolchain pinned by the flake's `flake.lock`; the same command with `--rebuild` builds it again "
-        "and fails on any differing byte):",
+        "Nix route (the toolchain pinned by the flake's `flake.lock`; the same command with `--rebuild` builds it "
+        "again and fails on any differing byte):",
         "",
         _code(
             "nix build --impure --expr '(builtins.getFlake (toString ./.)).packages.${builtins.currentSystem}.adapter"

@@ -235,7 +235,7 @@ def manifest_changes(ma: manifest.Manifest, mb: manifest.Manifest) -> list[Chang
 
 def loss_divergence(a: list[float], b: list[float]) -> dict[str, Any] | None:
     """The first optimizer step whose training loss differs (bit for bit), or None when the traces are equal."""
-    for step, (x, y) in enumerate(zip(a, b)):
+    for step, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return {"step": step, "a": x, "b": y}
     if len(a) != len(b):
@@ -255,7 +255,7 @@ def probe_differences(ma: manifest.Manifest, mb: manifest.Manifest) -> list[dict
             continue
         if pa.token_ids != pb.token_ids:
             index = next(
-                (i for i, (x, y) in enumerate(zip(pa.token_ids, pb.token_ids)) if x != y),
+                (i for i, (x, y) in enumerate(zip(pa.token_ids, pb.token_ids, strict=False)) if x != y),
                 min(len(pa.token_ids), len(pb.token_ids)),
             )
             out.append(
@@ -304,7 +304,8 @@ def verdict(changes: list[Change], identical: bool) -> str:
         k for k in keys.get("inputs", []) if k.startswith("base_model.") or k in ("dataset.sha256", "dataset.name")
     ]
     if any(k.startswith("base_model.") for k in identity):
-        return f"different: another base model (inputs: {', '.join(k for k in identity if k.startswith('base_model.'))[:80]})"
+        inputs = ", ".join(k for k in identity if k.startswith("base_model."))
+        return f"different: another base model (inputs: {inputs[:80]})"
     if "dataset.sha256" in identity:
         return "different: another dataset (inputs: dataset.sha256)"
     if keys.get("config"):
@@ -373,7 +374,8 @@ def diff(a: Path, b: Path) -> Diff:
         else:  # nothing the manifest records differs but the card's own hash: its text came from other code
             line = (
                 f"different: only the model card ({card.CARD}) and its hash in the manifest; same weights, inputs, "
-                "config, toolchain and pins: another revision of reprolora wrote the card (the version may read the same)"
+                "config, toolchain and pins: another revision of reprolora wrote the card "
+                "(the version may read the same)"
             )
     return Diff(
         str(a),

@@ -215,9 +215,11 @@ def render(report: dict[str, Any]) -> str:
     chip, isa, libs, th = report["cpu"], report["isa"], report["libraries"], report["threads"]
     described = report["pins"]
     lines = [
-        f"cpu:       {chip['model']} ({chip['vendor']}, {chip['machine']}), {chip['usable_cpus']} of {chip['cpus']} CPUs usable",
+        f"cpu:       {chip['model']} ({chip['vendor']}, {chip['machine']}), "
+        f"{chip['usable_cpus']} of {chip['cpus']} CPUs usable",
         f"isa flags: {' '.join(chip['flags']) or 'none found'}",
-        f"isa:       torch runs at {isa['pinned']} (profile {isa['profile']}); unpinned it would pick {isa['torch_own']}",
+        f"isa:       torch runs at {isa['pinned']} (profile {isa['profile']}); "
+        f"unpinned it would pick {isa['torch_own']}",
         f"blas:      {libs['blas']} ({libs['blas_version']}); {libs['onednn']}",
         f"threads:   {th['intra_op']} intra-op, {th['inter_op']} inter-op; "
         + " ".join(f"{k}={v}" for k, v in th["environment"].items() if v is not None),

@@ -71,7 +71,8 @@ def loss_svg(traces: list[tuple[str, list[float]]], width: int = 760, height: in
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'role="img" aria-label="training loss per step">',
-        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="#fff" stroke="#999"/>',
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
+        'fill="#fff" stroke="#999"/>',
     ]
     for i in range(5):
         value = low + (high - low) * i / 4
@@ -83,7 +84,8 @@ def loss_svg(traces: list[tuple[str, list[float]]], width: int = 760, height: in
             f'<text x="{x(step):.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">{step}</text>'
         )
     parts.append(
-        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" font-size="12" text-anchor="middle">optimizer step</text>'
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" font-size="12" text-anchor="middle">'
+        "optimizer step</text>"
     )
     parts.append(
         f'<text x="14" y="{(top + height - bottom) / 2:.1f}" font-size="12" text-anchor="middle" '
@@ -230,21 +232,23 @@ def render(folders: list[Path], labels: list[str] | None = None) -> str:
             + _e(_number(m.metrics.get("eval_loss_after", ""))),
             _e(m.metrics.get("steps", "")),
         )
-        for label, folder, m in zip(labels, folders, manifests)
+        for label, folder, m in zip(labels, folders, manifests, strict=True)
     ]
     body.append(_table(summary, ("run", "manifest.json sha256", "eval loss", "steps")))
     diffs = [diff.diff(folders[0], folder) for folder in folders[1:]]
     body += [
-        f'<p class="verdict">{_e(labels[0])} vs {_e(label)}: {_e(d.verdict)}</p>' for label, d in zip(labels[1:], diffs)
+        f'<p class="verdict">{_e(labels[0])} vs {_e(label)}: {_e(d.verdict)}</p>'
+        for label, d in zip(labels[1:], diffs, strict=True)
     ]
     body.append("<h2>Training loss</h2>")
-    body.append(loss_svg([(label, m.loss_trace) for label, m in zip(labels, manifests)]))
-    body += [_diff_section(labels[0], label, d) for label, d in zip(labels[1:], diffs)]
-    for label, folder, m in zip(labels, folders, manifests):
+    body.append(loss_svg([(label, m.loss_trace) for label, m in zip(labels, manifests, strict=True)]))
+    body += [_diff_section(labels[0], label, d) for label, d in zip(labels[1:], diffs, strict=True)]
+    for label, folder, m in zip(labels, folders, manifests, strict=True):
         body.append(_run_section(label, folder, m))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">\n"
+        '<meta http-equiv="Content-Security-Policy" '
+        "content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">\n"
         f"<title>reprolora report</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         + "\n".join(body)
         + "\n</body>\n</html>\n"

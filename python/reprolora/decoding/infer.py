@@ -172,7 +172,7 @@ def check_probes(model: Model) -> list[ProbeCheck]:
         label = f"probe {number} {prompt!r}"
         if got.token_ids != expected_ids:
             index = next(
-                (i for i, (a, b) in enumerate(zip(expected_ids, got.token_ids)) if a != b),
+                (i for i, (a, b) in enumerate(zip(expected_ids, got.token_ids, strict=False)) if a != b),
                 min(len(expected_ids), len(got.token_ids)),
             )
             want = expected_ids[index] if index < len(expected_ids) else None

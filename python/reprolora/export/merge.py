@@ -92,7 +92,7 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     merged = peft_model.merge_and_unload()
     merged.eval()
     folded = probe_logits(merged, tokenizer, probes)
-    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded)), default=0.0)
+    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
     same_tokens = all(
         greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
         for p in probes

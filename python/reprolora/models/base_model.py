@@ -209,7 +209,7 @@ def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
             "normalized": False,
             "special": True,
         }
-        for i, (tok, kind) in enumerate(zip(tokens, token_types))
+        for i, (tok, kind) in enumerate(zip(tokens, token_types, strict=True))
         if kind == control
     ]
     # llama.cpp's "smollm" pre-tokenizer: single digits, then GPT-2's byte-level split.

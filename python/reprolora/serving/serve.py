@@ -5,8 +5,8 @@ Routes (the ROUTES table): POST /v1/chat/completions, POST /v1/completions (both
 works against it (tests/test_chat.py).
 Greedy decoding only, and concurrent requests are decoded together (continuous batching) by one decode thread that
 owns the model and the tokenizer: handler threads submit requests to it and wait. The answer to a request still
-depends on nothing but the request: the engine (reprolora.decoding.generate) runs every step at a fixed number of rows and
-each request's attention on its own cache, so an answer is bit for bit the one it gets alone. Every error is a JSON
+depends on nothing but the request: the engine (reprolora.decoding.generate) runs every step at a fixed number of rows
+and each request's attention on its own cache, so an answer is bit for bit the one it gets alone. Every error is a JSON
 body {"error": {"message", "type"}} with a 4xx/5xx status; tracebacks go to the server's stderr, never to a client.
 SIGTERM (or SIGINT) stops accepting connections, lets the requests already accepted finish, and exits 0.
 """
@@ -781,7 +781,8 @@ def run(model: infer.Model, host: str, port: int, limits: Limits = Limits()) -> 
                 file=sys.stderr,
                 flush=True,
             )
-            # shutdown() waits for serve_forever() to return, which runs in this (the main) thread: call it from another.
+            # shutdown() waits for serve_forever() to return, which runs in this (the main) thread: call it from
+            # another.
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)

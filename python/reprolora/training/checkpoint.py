@@ -43,7 +43,7 @@ def save(folder: Path, identity: dict[str, Any], state: Any) -> Path:
 
     tensors = {"rng/torch": torch.get_rng_state()}
     for (name, param), exp_avg, exp_avg_sq in zip(
-        state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq
+        state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq, strict=True
     ):
         tensors[f"param/{name}"] = param.detach().clone()
         tensors[f"exp_avg/{name}"] = exp_avg.clone()
@@ -116,7 +116,7 @@ def load(checkpoint: Path, identity: dict[str, Any], state: Any) -> None:
         raise ReproloraError(f"{tensors_path}: holds other tensors than this job's adapter and optimizer")
     with torch.no_grad():
         for (name, param), exp_avg, exp_avg_sq in zip(
-            state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq
+            state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq, strict=True
         ):
             param.copy_(tensors[f"param/{name}"])
             exp_avg.copy_(tensors[f"exp_avg/{name}"])

@@ -296,7 +296,7 @@ def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
         sizes = [p.numel() for p in state.params.values()]
         scale = torch.clamp(t.max_grad_norm / (grad_norm(grad, sizes) + 1e-6), max=1.0)
         grad.mul_(scale)
-        for param, param_grad in zip(state.params.values(), grad.split(sizes)):
+        for param, param_grad in zip(state.params.values(), grad.split(sizes), strict=True):
             param.grad = param_grad.view_as(param)
     state.optimizer.step(learning_rate(state.step, job.total_steps, job.warmup, t.learning_rate, t.lr_schedule))
     state.optimizer.zero_grad()
