@@ -345,6 +345,18 @@ MUTANTS = [
         ],
         [f"{DIFF_TESTS}::test_only_the_manifest_differs"],
     ),
+    # Issue 22: the torch-import boundary (docs/architecture.md): torch must not load before the pins are applied.
+    Mutant(
+        "core-imports-torch",
+        [
+            Edit(
+                "python/reprolora/core/errors.py",
+                "class ReproloraError(Exception):\n",
+                "import torch  # noqa: F401\n\n\nclass ReproloraError(Exception):\n",
+            )
+        ],
+        ["tests/test_layout.py::test_torch_free_package_does_not_import_torch"],
+    ),
     # Gap 6: checks that could not fail.
     Mutant(
         "canonical-json-unsorted",

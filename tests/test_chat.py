@@ -148,7 +148,7 @@ class ByteTokenizer:
 
 
 def test_text_stream_never_sends_text_that_a_stop_would_cut():
-    from reprolora.serving.serve import TextStream
+    from reprolora.serving.scheduler import TextStream
 
     sent: list[str] = []
     stream = TextStream(ByteTokenizer(), ["STOP"], sent.append)
@@ -196,13 +196,13 @@ def test_bad_chat_requests_are_refused(client, model_id: str, fields: dict, mess
 
 
 def test_unknown_model_and_route_come_from_the_route_table(client, server: Server):
-    from reprolora.serving import serve
+    from reprolora.serving.protocol import ROUTES
 
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}])
     status, body, _ = server.request("GET", "/v1/nothing")
     assert status == 404
     message = json.loads(body)["error"]["message"]
-    assert all(f"{r.method} {r.path}" in message for r in serve.ROUTES)
+    assert all(f"{r.method} {r.path}" in message for r in ROUTES)
     usage = run_cli("serve", "--help").stdout
-    assert all(r.path in usage for r in serve.ROUTES)
+    assert all(r.path in usage for r in ROUTES)

@@ -311,8 +311,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from reprolora.decoding import infer
     from reprolora.serving import serve
+    from reprolora.serving.protocol import Limits
 
-    limits = serve.Limits(
+    limits = Limits(
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens
     )
     for name, value in vars(limits).items():
@@ -542,7 +543,7 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--check", action="store_true", help="replay the golden probes; exit 1 on any difference")
     infer.set_defaults(run=cmd_infer)
 
-    from reprolora.serving.serve import ROUTES  # standard library only: no torch yet
+    from reprolora.serving.protocol import ROUTES  # standard library only: no torch yet
 
     serve = commands.add_parser(
         "serve",
