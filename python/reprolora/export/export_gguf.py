@@ -18,60 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from reprolora.core.errors import ReproloraError
-from reprolora.models import base_model
+from reprolora.models import base_model, gguf_layout
 
 DTYPES = ("f32", "f16")
-# Hugging Face Llama tensor names -> llama.cpp's (gguf-py's tensor_mapping for LLM_ARCH_LLAMA).
-GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-
-
-def permute(weights: Any, heads: int) -> Any:
-    """q/k rows from Hugging Face's rotary order (halves) into llama.cpp's (interleaved pairs), per head."""
-    return (
-        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
 
 
 def gguf_tensors(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """llama.cpp's names and layout for a Hugging Face Llama state dict (float32 numpy arrays)."""
     result = {}
     for name, weights in sorted(tensors.items(), key=lambda item: _order(item[0])):
-        if name in GLOBAL_NAMES:
-            result[GLOBAL_NAMES[name]] = weights
-            continue
-        match = LAYER.match(name)
-        if not match or match.group(2) not in LAYER_NAMES:
-            raise ReproloraError(f"tensor {name!r} has no place in llama.cpp's Llama layout")
-        kind = LAYER_NAMES[match.group(2)]
-        if kind == "attn_q":
-            weights = permute(weights, config["num_attention_heads"])
-        elif kind == "attn_k":
-            weights = permute(weights, config["num_key_value_heads"])
-        result[f"blk.{match.group(1)}.{kind}.weight"] = weights
+        gguf_name = gguf_layout.to_gguf(name)
+        heads = gguf_layout.rotary_heads(gguf_name, config)
+        result[gguf_name] = weights if heads is None else gguf_layout.permute(weights, heads)
     return result
 
 
 def _order(name: str) -> tuple[int, int, str]:
     """Embeddings, then layers by number, then the final norm and output, as llama.cpp's converter orders them."""
-    match = LAYER.match(name)
+    match = re.match(r"^model\.layers\.(\d+)\.", name)
     if match:
         return (1, int(match.group(1)), name)
     return (0 if "embed" in name else 2, 0, name)
