@@ -134,7 +134,7 @@ def bench_decoding(
     eos = set(filter(None, [plain_tokenizer.eos_token_id]))
     plain_ids = [t for t in tokens["plain"] if t not in eos]  # generate keeps the end token, greedy leaves it out
     result: dict[str, Any] = {
-        "prompt_tokens": infer.prompt_tokens(model, prompt),
+        "prompt_tokens": len(generate.request_ids(model.tokenizer, prompt)),
         "same_tokens": plain_ids == tokens["reprolora"] == tokens["one_a_step"],
         "guessing": guessing,
         "load_s": model.load_seconds,

@@ -194,14 +194,6 @@ def _pins(pins: Any) -> Pins:
     )
 
 
-def from_dict(raw: Any) -> Manifest:
-    """The typed manifest of a parsed manifest.json; raises ReproloraError (without a path) when it is not one."""
-    try:
-        return _from_dict(raw)
-    except _Invalid as e:
-        raise ReproloraError(f"not a valid {FORMAT} manifest: {e}") from None
-
-
 def _from_dict(raw: Any) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__

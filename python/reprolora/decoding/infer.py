@@ -114,13 +114,6 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     )
 
 
-def prompt_tokens(model: Model, prompt: str | list[dict[str, str]]) -> int:
-    """How many tokens `prompt` (one user message, or a conversation) takes once rendered, as decoding sees it."""
-    from reprolora.decoding.generate import request_ids
-
-    return len(request_ids(model.tokenizer, prompt))
-
-
 def complete(
     model: Model,
     prompt: str | list[dict[str, str]],

@@ -315,7 +315,7 @@ def train(
     job: Job, state: TrainState, world: distributed.World, progress: bool, checkpoints: Path, checkpoint_every: int
 ) -> float:
     """Steps from `state.step` to the end of the plan, a checkpoint every `checkpoint_every` steps (0: none);
-    returns the seconds spent in steps."""
+    returns the tokens per second of the steps this process ran (after a resume, only those since it)."""
     from tqdm import tqdm
 
     bar = tqdm(
@@ -340,7 +340,7 @@ def train(
         if checkpoint_every and state.step % checkpoint_every == 0 and state.step < job.total_steps and world.is_main:
             checkpoint.save(checkpoints, job.identity.to_dict(), state)
     bar.close()
-    return seconds
+    return tokens / max(seconds, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------- the end
@@ -437,7 +437,7 @@ def run(
         job = setup(config)
         state = start(job, out, resume)
         distributed.check_same(world, "the step to start from", str(state.step))
-        train_seconds = train(job, state, world, progress, checkpoint.folder_for(out), checkpoint_every)
+        tokens_per_second = train(job, state, world, progress, checkpoint.folder_for(out), checkpoint_every)
         distributed.check_same(world, "the sha256 of the trained weights", weights_sha256(state))
         if not world.is_main:
             return None
@@ -449,5 +449,4 @@ def run(
             manifest.write(staging, body)
     finally:
         world.close()
-    metrics = body.metrics
-    return Result(out, metrics, metrics["train_tokens"] / max(train_seconds, 1e-9), time.perf_counter() - started)
+    return Result(out, body.metrics, tokens_per_second, time.perf_counter() - started)
