@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,42 @@ def test_bad_config_names_file_key_and_problem(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ReproloraError, match="config file not found"):
         config.load(tmp_path / "nope.toml")
+
+
+def test_set_overrides_any_key_after_the_file(tmp_path):
+    c = config.with_overrides(
+        config.load(write(tmp_path, "seed = 7\n[train]\nepochs = 2\n")),
+        ["train.epochs=3", "profile=portable", 'lora.target_modules=["q_proj"]', "train.learning_rate=1e-3", "seed=9"],
+    )
+    assert (c.seed, c.train.epochs, c.profile, c.lora.target_modules, c.train.learning_rate) == (
+        9,
+        3,
+        "portable",
+        ["q_proj"],
+        1e-3,
+    )
+    assert c.lora.r == 16  # untouched keys keep the file's (or the default's) value
+    assert config.with_overrides(c, []) is c
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("train.epoch=2", "--set: unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("train.epochs=two", "--set: 'train.epochs' must be an integer, got str 'two'"),
+        ("train.epochs=0", "--set: 'train.epochs' must be at least 1, got 0"),
+        ("seed", "--set 'seed': expected KEY=VALUE"),
+        ("seed.x=1", "--set 'seed.x=1': 'seed' is a value, not a table"),
+    ],
+)
+def test_bad_set_names_the_key_and_problem(item, message):
+    with pytest.raises(ReproloraError) as e:
+        config.with_overrides(config.load(None), [item])
+    assert message in str(e.value)
+
+
+def test_set_reaches_the_trained_job(train_tiny, tmp_path):
+    out = tmp_path / "adapter"
+    train_tiny(out, "--set", "train.epochs=1", "--set=seed=7")
+    recorded = json.loads((out / "manifest.json").read_text())["inputs"]["config"]
+    assert (recorded["train"]["epochs"], recorded["seed"]) == (1, 7)

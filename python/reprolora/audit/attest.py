@@ -323,3 +323,34 @@ def rebuild_problems(
             problem.replace(f"{out}/", "rebuilt ").replace("differs from the attestation", "differs after rebuilding")
             for problem in subject_problems(out, statement_)
         ]
+
+
+def verify(
+    folder: Path,
+    attestation: Path | None = None,
+    key: Path | None = None,
+    rebuild: bool = False,
+    dataset: Path | None = None,
+    base_model_dir: Path | None = None,
+) -> tuple[list[str], str]:
+    """`reprolora verify`: (every problem found, what was checked). The manifest's hashes always; with an
+    attestation its subjects, its signature when `key` is given, and with `rebuild` a retraining from its inputs."""
+    if (key or rebuild) and not attestation:
+        raise ReproloraError("--key and --rebuild check an attestation: give it with --attestation FILE")
+    try:
+        problems = [f"{folder}/{problem}" for problem in adapter.verify(folder)]
+    except ReproloraError as e:
+        if not attestation:
+            raise
+        problems = [str(e)]  # an unreadable manifest: the attestation still names what differs
+    checked = "every hash in the manifest holds"
+    if attestation:
+        statement_, signature_problems = read(attestation, key)
+        problems += signature_problems + subject_problems(folder, statement_)
+        checked += f"; every subject of {attestation} matches" + (
+            f" and its signature verifies with {key}" if key else " (signature not checked: no --key)"
+        )
+        if rebuild and not problems:
+            problems += rebuild_problems(folder, statement_, dataset, base_model_dir)
+            checked += "; retraining from the attested inputs gave the same bytes for every file"
+    return problems, checked

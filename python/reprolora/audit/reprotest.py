@@ -204,15 +204,17 @@ def quick_job(work: Path) -> list[str]:
     return ["-c", str(work / "tiny.toml"), "--base-model", str(model), "--dataset", str(data)]
 
 
-def job(config: str | None, base_model_dir: str | None, dataset: str | None) -> list[str]:
-    """Train arguments for a user's job, paths made absolute; the default base model is prepared here once."""
+def job(config: str | None, base_model_dir: str | None, dataset: str | None, overrides: list[str]) -> list[str]:
+    """Train arguments for a user's job (`overrides`: its `--set` items), paths made absolute; the default base
+    model is prepared here once."""
     from reprolora.core import config as config_module
     from reprolora.models import base_model
 
     args = []
     if config:
         args += ["-c", str(Path(config).resolve())]
-    loaded = config_module.load(config)
+    loaded = config_module.with_overrides(config_module.load(config), overrides)
+    args += [f"--set={item}" for item in overrides]
     if base_model_dir:
         args += ["--base-model", str(Path(base_model_dir).resolve())]
     elif not loaded.base_model.path:

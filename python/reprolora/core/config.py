@@ -1,4 +1,4 @@
-"""The job's configuration: one TOML file, every field typed and validated.
+"""The job's configuration: one TOML file and any `--set KEY=VALUE` overrides, every field typed and validated.
 
 The defaults below are the default job (seed 42, LoRA r=16, alpha=32, dropout 0.1, one epoch), and this is the
 only place they are written. A TOML file only names what it changes; relative paths in it are relative to the file.
@@ -211,6 +211,30 @@ def parse(text: str, source: str, base_dir: Path) -> Config:
         base_model=dataclasses.replace(config.base_model, path=resolve_path(config.base_model.path, base_dir)),
         dataset=dataclasses.replace(config.dataset, path=resolve_path(config.dataset.path, base_dir)),
     )
+
+
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` with each KEY=VALUE of `overrides` (the CLI's `--set`) applied in order and checked as a file's keys
+    are. VALUE is read as a TOML value (`2`, `0.01`, `true`, `["q_proj"]`), else taken as the string it is."""
+    if not overrides:
+        return config
+    table = config.to_dict()
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        if not equals or not key:
+            raise ReproloraError(f"--set {item!r}: expected KEY=VALUE, such as train.epochs=2")
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *tables, name = key.split(".")
+        target = table
+        for part in tables:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ReproloraError(f"--set {item!r}: '{part}' is a value, not a table")
+        target[name] = value
+    return validate(_build(Config, table, "--set", ""), "--set")
 
 
 def load(path: str | Path | None) -> Config:
