@@ -28,12 +28,14 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m reprolora ARGS` in a fresh process."""
     full_env = {**os.environ, **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "reprolora", *args], env=full_env, cwd=cwd,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "reprolora", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"reprolora {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
@@ -43,9 +45,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 def train_tiny(tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path):
     """Train the tiny job into `out` in a fresh process; extra arguments and environment as given."""
 
-    def train(out: Path, *extra: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        return run_cli("train", "-q", "-c", str(tiny_config), "--base-model", str(tiny_base_model),
-                       "--dataset", str(tiny_dataset), "-o", str(out), *extra, env=env, cwd=cwd)
+    def train(
+        out: Path, *extra: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        return run_cli(
+            "train",
+            "-q",
+            "-c",
+            str(tiny_config),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(out),
+            *extra,
+            env=env,
+            cwd=cwd,
+        )
 
     return train
 

@@ -53,8 +53,12 @@ class Arm64:
             sys.stderr.write(f"\narm64: {line}\n")
 
     def start(self, *command: str) -> subprocess.Popen:
-        return subprocess.Popen(["bash", str(RUN), str(self.root), str(self.work), *command],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            ["bash", str(RUN), str(self.root), str(self.work), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, step: str, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
         """Run `commands` side by side (separate processes, so no effect on their bytes) and time them. CPU seconds
@@ -62,7 +66,7 @@ class Arm64:
         started, cpu = time.perf_counter(), _children_cpu_seconds()
         processes = [self.start(*command) for command in commands]
         results = []
-        for command, process in zip(commands, processes):
+        for command, process in zip(commands, processes, strict=True):
             stdout, stderr = process.communicate(timeout=1800)
             results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
         self.say(f"{step}: {time.perf_counter() - started:.1f} s wall, {_children_cpu_seconds() - cpu:.1f} s CPU")
@@ -70,7 +74,9 @@ class Arm64:
 
     def reprolora(self, step: str, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
         result = self.run(step, ("python", "-m", "reprolora", *args))[0]
-        assert result.returncode == expect, f"{step}: exit {result.returncode}, expected {expect}:\n{result.stderr[-3000:]}"
+        assert result.returncode == expect, (
+            f"{step}: exit {result.returncode}, expected {expect}:\n{result.stderr[-3000:]}"
+        )
         return result
 
 
@@ -80,11 +86,18 @@ def _children_cpu_seconds() -> float:
 
 
 @pytest.fixture(scope="session")
-def arm64(tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path, tmp_path_factory: pytest.TempPathFactory,
-          pytestconfig: pytest.Config) -> Arm64:
+def arm64(
+    tiny_base_model: Path,
+    tiny_dataset: Path,
+    tiny_config: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
+) -> Arm64:
     """The arm64 root, and a /work with the tiny job's inputs (made on x86_64, as a user would bring them):
     model/, data.jsonl and one config per profile."""
-    root = Path(subprocess.run(["bash", str(SETUP), "--path"], capture_output=True, text=True, check=True).stdout.strip())
+    root = Path(
+        subprocess.run(["bash", str(SETUP), "--path"], capture_output=True, text=True, check=True).stdout.strip()
+    )
     problem = _missing(root)
     if problem and os.environ.get("CI") == "true":
         pytest.fail(f"{problem}; CI must run the arm64 tests")
@@ -108,10 +121,28 @@ def arm64_adapters(arm64: Arm64) -> dict[str, list[Path]]:
     side by side."""
     adapters: dict[str, list[Path]] = {profile: [] for profile in PROFILES}
     for run in ("a", "b"):
-        commands = [("python", "-m", "reprolora", "train", "-q", "-c", f"/work/{profile}.toml", "--base-model",
-                     "/work/model", "--dataset", "/work/data.jsonl", "-o", f"/work/{profile}-{run}") for profile in PROFILES]
-        for profile, result in zip(PROFILES, arm64.run(f"train native and portable ({run})", *commands)):
-            assert result.returncode == 0, f"train {profile} ({run}): exit {result.returncode}:\n{result.stderr[-3000:]}"
+        commands = [
+            (
+                "python",
+                "-m",
+                "reprolora",
+                "train",
+                "-q",
+                "-c",
+                f"/work/{profile}.toml",
+                "--base-model",
+                "/work/model",
+                "--dataset",
+                "/work/data.jsonl",
+                "-o",
+                f"/work/{profile}-{run}",
+            )
+            for profile in PROFILES
+        ]
+        for profile, result in zip(PROFILES, arm64.run(f"train native and portable ({run})", *commands), strict=True):
+            assert result.returncode == 0, (
+                f"train {profile} ({run}): exit {result.returncode}:\n{result.stderr[-3000:]}"
+            )
             adapters[profile].append(arm64.work / f"{profile}-{run}")
     return adapters
 
@@ -119,8 +150,9 @@ def arm64_adapters(arm64: Arm64) -> dict[str, list[Path]]:
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.arm64
 @pytest.mark.slow
-def test_trains_twice_to_the_same_bytes(arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path,
-                                        profile: str) -> None:
+def test_trains_twice_to_the_same_bytes(
+    arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path, profile: str
+) -> None:
     first, second = arm64_adapters[profile]
     assert file_bytes(first) == file_bytes(second)
     manifest = json.loads((first / "manifest.json").read_text())
@@ -133,7 +165,9 @@ def test_trains_twice_to_the_same_bytes(arm64: Arm64, arm64_adapters: dict[str, 
         assert manifest["pins"]["environment"]["OPENBLAS_CORETYPE"] == "ARMV8"
         assert manifest["pins"]["cpu_capability"] == "DEFAULT"
     if profile == "native":  # the same job on x86_64 (native too): other bytes, the README says; shown, not promised
-        same = file_bytes(first)["adapter_model.safetensors"] == (tiny_adapter / "adapter_model.safetensors").read_bytes()
+        same = (
+            file_bytes(first)["adapter_model.safetensors"] == (tiny_adapter / "adapter_model.safetensors").read_bytes()
+        )
         arm64.say(f"native weights {'equal' if same else 'differ from'} x86_64's")
 
 
@@ -166,7 +200,9 @@ PEFT_LOAD = textwrap.dedent("""
 
 
 @pytest.fixture(scope="session")
-def arm64_checks(arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path) -> dict[str, subprocess.CompletedProcess]:
+def arm64_checks(
+    arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapter: Path
+) -> dict[str, subprocess.CompletedProcess]:
     """PEFT, `infer --check` and `verify` under emulation, side by side, on the adapters trained there and on an
     x86_64 one (the tiny job trained on this machine)."""
     (arm64.work / "peft_load.py").write_text(PEFT_LOAD)
@@ -177,13 +213,22 @@ def arm64_checks(arm64: Arm64, arm64_adapters: dict[str, list[Path]], tiny_adapt
     reprolora = ("python", "-m", "reprolora")
     commands = {
         "peft load": ("python", "/work/peft_load.py", "/work/native-a", "/work/model"),
-        **{f"infer --check {profile}": (*reprolora, "infer", f"/work/{profile}-a", "--base-model", "/work/model", "--check")
-           for profile in PROFILES},
+        **{
+            f"infer --check {profile}": (
+                *reprolora,
+                "infer",
+                f"/work/{profile}-a",
+                "--base-model",
+                "/work/model",
+                "--check",
+            )
+            for profile in PROFILES
+        },
         "infer --check x86_64": (*reprolora, "infer", "/work/x86_64", "--base-model", "/work/model", "--check"),
         "verify x86_64": (*reprolora, "verify", "/work/x86_64"),
         "verify tampered": (*reprolora, "verify", "/work/x86_64-tampered"),
     }
-    return dict(zip(commands, arm64.run(f"{', '.join(commands)} (side by side)", *commands.values())))
+    return dict(zip(commands, arm64.run(f"{', '.join(commands)} (side by side)", *commands.values()), strict=True))
 
 
 def ok(result: subprocess.CompletedProcess, expect: int = 0) -> subprocess.CompletedProcess:
@@ -200,7 +245,9 @@ def test_peft_loads_it_there(arm64_checks: dict[str, subprocess.CompletedProcess
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.arm64
 @pytest.mark.slow
-def test_infer_check_replays_its_probes_there(arm64_checks: dict[str, subprocess.CompletedProcess], profile: str) -> None:
+def test_infer_check_replays_its_probes_there(
+    arm64_checks: dict[str, subprocess.CompletedProcess], profile: str
+) -> None:
     assert "check passed: 1 golden probes replayed bit for bit" in ok(arm64_checks[f"infer --check {profile}"]).stderr
 
 
@@ -214,8 +261,9 @@ def test_x86_64_adapter_refuses_to_check_there(arm64_checks: dict[str, subproces
 
 @pytest.mark.arm64
 @pytest.mark.slow
-def test_verify_works_across_architectures(arm64_checks: dict[str, subprocess.CompletedProcess],
-                                           arm64_adapters: dict[str, list[Path]]) -> None:
+def test_verify_works_across_architectures(
+    arm64_checks: dict[str, subprocess.CompletedProcess], arm64_adapters: dict[str, list[Path]]
+) -> None:
     assert "every hash in the manifest holds" in ok(arm64_checks["verify x86_64"]).stdout
     assert "every hash in the manifest holds" in run_cli("verify", str(arm64_adapters["portable"][0])).stdout
     assert "adapter_config.json: differs" in ok(arm64_checks["verify tampered"], expect=1).stderr
@@ -235,5 +283,7 @@ def test_check_refuses_another_architecture(tiny_adapter: Path, tiny_base_model:
     assert result.returncode == 2, result.stderr
     assert f"the architecture differs: trained on {other}, this machine is {platform.machine()}" in result.stderr
     # Answering a prompt is still allowed: only the bit-for-bit replay is architecture-bound.
-    answer = json.loads(run_cli("infer", str(adapter), "--base-model", str(tiny_base_model), "--json", "-n", "2", "hi").stdout)
+    answer = json.loads(
+        run_cli("infer", str(adapter), "--base-model", str(tiny_base_model), "--json", "-n", "2", "hi").stdout
+    )
     assert answer["completion_tokens"] > 0

@@ -7,14 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+
 import tiny
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "python" / "benchmarks"
 
 
 def run_benchmark(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -41,8 +43,11 @@ def test_bench_scaling_tiny_rows(tiny_model):
 
 def test_bench_train_quick_prints_every_row_and_column():
     out = run_benchmark("bench_train.py", "--quick")
-    header = re.search(r"^run\s+wall s\s+train s\s+tokens/s\s+GFLOP/s\s+% ceiling\s+peak RSS MB\s+steps\s+x Trainer\s+x native$",
-                       out, re.MULTILINE)
+    header = re.search(
+        r"^run\s+wall s\s+train s\s+tokens/s\s+GFLOP/s\s+% ceiling\s+peak RSS MB\s+steps\s+x Trainer\s+x native$",
+        out,
+        re.MULTILINE,
+    )
     assert header, out
     rows = dict(re.findall(r"^(trainer|native|portable|portable-fast)\s+((?:\S+\s+){8}\S+)$", out, re.MULTILINE))
     assert set(rows) == {"trainer", "native", "portable", "portable-fast"}, out

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-import tiny
+from reprolora.core.errors import ReproloraError
 from reprolora.data import dataset
 from reprolora.data.dataset import IGNORE
-from reprolora.core.errors import ReproloraError
+
+import tiny
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,17 @@ def write_lines(tmp_path: Path, *lines: str) -> Path:
 
 
 ALPACA = json.dumps({"instruction": "Why?", "input": "", "output": "Because."})
-CHAT = json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-                                {"role": "assistant", "content": "Bye."}]})
+CHAT = json.dumps(
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye."},
+        ]
+    }
+)
 
 
 def test_builtin_dataset_is_one_theme_with_enough_examples():
@@ -99,14 +108,16 @@ def test_loss_is_on_the_response_only(which, request):
     prompt = dataset.prompt_ids(tok, messages[:1])
     assert encoded.input_ids[: len(prompt)] == prompt  # inference sees exactly what training saw
     assert all(label == IGNORE for label in encoded.labels[: len(prompt)])
-    response = tok.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE])
+    response = tok.decode([t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE])
     assert response.startswith("Because.") and tok.eos_token in response
 
 
 def test_every_assistant_turn_is_learned_and_nothing_else(tokenizer):
     messages = json.loads(CHAT)["messages"]
     encoded = dataset.tokenize(tokenizer, messages, 512, "x")
-    learned = tokenizer.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE])
+    learned = tokenizer.decode(
+        [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE]
+    )
     assert learned == "Hello.<|im_end|>\nBye.<|im_end|>\n"
 
 

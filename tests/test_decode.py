@@ -1,5 +1,5 @@
-"""The decoding engine (reprolora.decoding.generate): HF's numbers for every family, and answers that do not depend on what
-else is decoded with them, in process and through a running `reprolora serve`."""
+"""The decoding engine (reprolora.decoding.generate): HF's numbers for every family, and answers that do not depend on
+what else is decoded with them, in process and through a running `reprolora serve`."""
 
 from __future__ import annotations
 
@@ -15,14 +15,22 @@ from typing import Any
 import pytest
 import torch
 
+from reprolora.data.dataset import prompt_ids
+from reprolora.decoding import generate
+
 import tiny
 from conftest import run_cli
-from reprolora.decoding import generate
-from reprolora.data.dataset import prompt_ids
 
-PROMPTS = ["Why pin seeds?", "Why check hashes of every file in the folder?", "Hi", "Why pin lockfiles, toolchains and caches?",
-           "What changes floating-point results on a CPU, and why does the batch matter?", "Why?", "Check threads.",
-           "How do I prove a model came from these inputs?"]
+PROMPTS = [
+    "Why pin seeds?",
+    "Why check hashes of every file in the folder?",
+    "Hi",
+    "Why pin lockfiles, toolchains and caches?",
+    "What changes floating-point results on a CPU, and why does the batch matter?",
+    "Why?",
+    "Check threads.",
+    "How do I prove a model came from these inputs?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +50,18 @@ def family_models(tmp_path_factory: pytest.TempPathFactory):
             tokenizer = AutoTokenizer.from_pretrained(folder)
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             torch.manual_seed(1)
-            config = LoraConfig(r=4, lora_alpha=8, target_modules=families.preset_modules(family, "all-linear"),
-                                fan_in_fan_out=family == "gpt2")
+            config = LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=families.preset_modules(family, "all-linear"),
+                fan_in_fan_out=family == "gpt2",
+            )
             model = get_peft_model(base, config).eval()
             with torch.no_grad():
                 for name, parameter in model.named_parameters():
-                    if "lora_B" in name or (name.endswith(".bias") and parameter.dim() == 1 and "norm" not in name
-                                            and "ln_" not in name):
+                    if "lora_B" in name or (
+                        name.endswith(".bias") and parameter.dim() == 1 and "norm" not in name and "ln_" not in name
+                    ):
                         parameter.normal_(0, 0.2)
             made[family] = (model, tokenizer)
         return made[family]
@@ -77,17 +90,24 @@ def test_logits_and_tokens_are_hfs(family_models, family: str) -> None:
             logits.append(engine._decode([(sequence, tokens[-1], sequence.length)])[0])
             sequence.length += 1
             tokens.append(int(torch.argmax(logits[-1])))
-        hf = inner(input_ids=torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:].float()
-        generated = inner.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                   max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id or 0)[0, len(ids):].tolist()
+        hf = inner(input_ids=torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1 :].float()
+        generated = inner.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )[0, len(ids) :].tolist()
     assert len(ids) + new > 64
     difference = float((torch.stack(logits) - hf).abs().max())
     assert difference < 1e-5, f"{family}: logits differ from HF's by {difference}"
     assert tokens == generated
 
 
-def decode_alone(engine: generate.Engine, ids: list[int], new: int, stop: list[str] | None = None) -> generate.Completion:
+def decode_alone(
+    engine: generate.Engine, ids: list[int], new: int, stop: list[str] | None = None
+) -> generate.Completion:
     sequence = engine.start(ids, new, stop)
     while not sequence.done:
         engine.step([sequence])
@@ -105,8 +125,9 @@ def test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps(family_mode
     assert decode_alone(looked_up, ids, 40) == want
     assert looked_up.accepted > 0 and looked_up.steps < one_a_step.steps
     # Guesses drawn at random from the answer so far and the prompt's last 3 tokens: right ones and wrong ones.
-    monkeypatch.setattr(generate, "lookup",
-                        lambda tokens, limit: random.Random(len(tokens)).choices(tokens[len(ids) - 3:], k=limit))
+    monkeypatch.setattr(
+        generate, "lookup", lambda tokens, limit: random.Random(len(tokens)).choices(tokens[len(ids) - 3 :], k=limit)
+    )
     guessing = generate.Engine(model, tokenizer)
     assert decode_alone(guessing, ids, 40) == want
     assert 0 < guessing.accepted < guessing.guessed
@@ -148,11 +169,17 @@ def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> Non
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="oneDNN's packed products are used on x86-64 only")
 def test_packed_products_under_every_profile_but_portable() -> None:
     """`portable` promises the same bytes on Intel and AMD through MKL's COMPATIBLE path: its decoder keeps MKL."""
-    code = "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); from reprolora.decoding import generate; " \
-           "print(generate.packs_weights())"
-    used = {profile: subprocess.run([sys.executable, "-c", code, profile], capture_output=True, text=True, check=True,
-                                    timeout=300).stdout.strip()
-            for profile in ("native", "portable-fast", "portable")}
+    code = (
+        "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); "
+        "from reprolora.decoding import generate; "
+        "print(generate.packs_weights())"
+    )
+    used = {
+        profile: subprocess.run(
+            [sys.executable, "-c", code, profile], capture_output=True, text=True, check=True, timeout=300
+        ).stdout.strip()
+        for profile in ("native", "portable-fast", "portable")
+    }
     assert used == {"native": "True", "portable-fast": "True", "portable": "False"}
 
 
@@ -173,7 +200,8 @@ def test_lookup_guesses_what_followed_the_latest_match() -> None:
 
 
 def run_staggered(engine: generate.Engine, requests: list[tuple[int, list[int], int]]) -> list[generate.Completion]:
-    """Decode `requests` (arrival step, prompt ids, max new tokens) as a server does: arrivals join the running batch."""
+    """Decode `requests` (arrival step, prompt ids, max new tokens) as a server does: arrivals join the running
+    batch."""
     pending = sorted(range(len(requests)), key=lambda i: requests[i][0])
     active: list[tuple[int, generate.Sequence]] = []
     done: dict[int, generate.Completion] = {}
@@ -210,7 +238,7 @@ def test_an_answer_does_not_depend_on_the_others(family_models, family: str, oth
         requests += [((k * 2) % 7, ids_of(tokenizer, PROMPTS[1 + k % 7]), 5 + 7 * k % 23) for k in range(others)]
         results = run_staggered(engine, requests)
         assert results[0] == alone, f"target arriving at step {target_arrives} among {others} others"
-        for (_, ids, new), got in zip(requests[1:], results[1:]):
+        for (_, ids, new), got in zip(requests[1:], results[1:], strict=True):
             assert got == run_staggered(engine, [(0, ids, new)])[0]
 
 
@@ -232,8 +260,11 @@ def test_served_concurrently_equals_infer_alone(tiny_adapter: Path, tiny_base_mo
     prompts = PROMPTS[:4]
     alone = {}
     for prompt in prompts:
-        alone[prompt] = json.loads(run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json",
-                                           prompt, "-n", "12").stdout)
+        alone[prompt] = json.loads(
+            run_cli(
+                "infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", prompt, "-n", "12"
+            ).stdout
+        )
     server = Server(tiny_adapter, tiny_base_model)
     try:
         jobs = [prompts[i % len(prompts)] for i in range(24)]
@@ -249,24 +280,36 @@ def test_served_concurrently_equals_infer_alone(tiny_adapter: Path, tiny_base_mo
     for prompt, choice in answers:
         want = alone[prompt]
         assert (choice["token_ids"], choice["text"], choice["logits_sha256"]) == (
-            want["token_ids"], want["text"], want["logits_sha256"]), prompt
+            want["token_ids"],
+            want["text"],
+            want["logits_sha256"],
+        ), prompt
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     probe = manifest["probes"]["results"][0]
     assert alone[probe["prompt"]]["token_ids"][:8] == probe["token_ids"]
-    counters = {name: int(value) for name, value in (line.split() for line in metrics.splitlines()
-                                                      if line.startswith("reprolora_") and "{" not in line)}
+    counters = {
+        name: int(value)
+        for name, value in (
+            line.split() for line in metrics.splitlines() if line.startswith("reprolora_") and "{" not in line
+        )
+    }
     assert counters["reprolora_decode_rows_total"] > counters["reprolora_decode_steps_total"] > 0  # several together
     assert counters["reprolora_guessed_tokens_total"] >= counters["reprolora_accepted_guesses_total"]
     # Each request's prompt pass and each of its rows gives a token, kept unless it is the end token ("stop").
     ended = sum(choice["finish_reason"] == "stop" for _, choice in answers)
-    assert counters["reprolora_completion_tokens_total"] == (len(jobs) + counters["reprolora_decode_rows_total"]
-                                                             + counters["reprolora_accepted_guesses_total"] - ended)
+    assert counters["reprolora_completion_tokens_total"] == (
+        len(jobs) + counters["reprolora_decode_rows_total"] + counters["reprolora_accepted_guesses_total"] - ended
+    )
 
 
 def test_bench_infer_quick_runs(tiny_adapter: Path, tiny_base_model: Path) -> None:
     bench = Path(__file__).resolve().parent.parent / "python" / "benchmarks" / "bench_infer.py"
-    result = subprocess.run([sys.executable, str(bench), str(tiny_adapter), "--base-model", str(tiny_base_model), "--quick"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(bench), str(tiny_adapter), "--base-model", str(tiny_base_model), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory bandwidth" in result.stdout and "serve:" in result.stdout, result.stdout
     assert "identical to alone: yes" in result.stdout, result.stdout

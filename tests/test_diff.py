@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reprolora.audit import diff
+
 import tiny
 from conftest import run_cli
-from reprolora.audit import diff
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,18 @@ def train_variant(tiny_base_model, tiny_dataset, tmp_path_factory):
         assert old in tiny.CONFIG
         folder = tmp_path_factory.mktemp("variant")
         (folder / "job.toml").write_text(tiny.CONFIG.replace(old, new))
-        run_cli("train", "-q", "-c", str(folder / "job.toml"), "--base-model", str(tiny_base_model),
-                "--dataset", str(tiny_dataset), "-o", str(folder / "adapter"))
+        run_cli(
+            "train",
+            "-q",
+            "-c",
+            str(folder / "job.toml"),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(folder / "adapter"),
+        )
         return folder / "adapter"
 
     return train
@@ -61,8 +72,10 @@ def test_another_seed(tiny_adapter, train_variant):
     text = run_cli("diff", str(tiny_adapter), str(other), check=False).stdout
     assert "loss: the traces first differ at step 0" in text and "seed: 42 -> 7" in text
     largest = max(differing, key=lambda t: t["max_abs"])
-    assert (f"tensors: {len(differing)} of {len(report['tensors'])} differ; "
-            f"the largest |a-b| is {largest['max_abs']:.3g}, in {largest['name']}") in text
+    assert (
+        f"tensors: {len(differing)} of {len(report['tensors'])} differ; "
+        f"the largest |a-b| is {largest['max_abs']:.3g}, in {largest['name']}"
+    ) in text
 
 
 def test_another_learning_rate(tiny_adapter, train_variant):
@@ -83,7 +96,9 @@ def test_another_thread_count(tiny_adapter, train_variant):
     # wrote differ, and the verdict says so.
     files = {f["name"]: f["status"] for f in report["files"]}
     if files["adapter_model.safetensors"] == "identical":
-        assert report["verdict"].startswith("different (the adapter files are identical, the manifest and card are not): ")
+        assert report["verdict"].startswith(
+            "different (the adapter files are identical, the manifest and card are not): "
+        )
 
 
 def test_only_the_manifest_differs(tiny_adapter, tmp_path):
@@ -96,8 +111,10 @@ def test_only_the_manifest_differs(tiny_adapter, tmp_path):
     (other / "manifest.json").write_text(json.dumps(recorded))
     report = diff_json(tiny_adapter, other, 1)
     assert not report["identical"]
-    assert report["verdict"] == ("different (the adapter files are identical, the manifest and card are not): "
-                                 f"another torch (toolchain: torch {torch_version} -> 0.0.1; same inputs and config)")
+    assert report["verdict"] == (
+        "different (the adapter files are identical, the manifest and card are not): "
+        f"another torch (toolchain: torch {torch_version} -> 0.0.1; same inputs and config)"
+    )
     assert [f["name"] for f in report["files"] if f["status"] != "identical"] == ["manifest.json"]
 
 
@@ -108,7 +125,10 @@ def test_only_the_model_card_differs(tiny_adapter, tmp_path):
     card = other / "README.md"
     card.write_text(card.read_text() + "\nOne more line from another revision of the card's text.\n")
     recorded = json.loads((other / "manifest.json").read_text())
-    recorded["files"]["README.md"] = {"sha256": hashlib.sha256(card.read_bytes()).hexdigest(), "size": card.stat().st_size}
+    recorded["files"]["README.md"] = {
+        "sha256": hashlib.sha256(card.read_bytes()).hexdigest(),
+        "size": card.stat().st_size,
+    }
     (other / "manifest.json").write_text(json.dumps(recorded))
     report = diff_json(tiny_adapter, other, 1)
     assert not report["changes"]
@@ -117,8 +137,12 @@ def test_only_the_model_card_differs(tiny_adapter, tmp_path):
 
 def test_a_reader_that_goes_away_gets_no_traceback(tiny_adapter):
     """`reprolora diff A B | head`: when the pipe's reader is gone, stop quietly with 141 (128 + SIGPIPE)."""
-    process = subprocess.Popen([sys.executable, "-m", "reprolora", "diff", str(tiny_adapter), str(tiny_adapter)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reprolora", "diff", str(tiny_adapter), str(tiny_adapter)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     process.stdout.close()  # gone before the command, which takes a second to start, writes anything
     stderr = process.stderr.read()
     assert (process.wait(timeout=300), stderr) == (141, "")
@@ -156,16 +180,20 @@ def test_tensor_statistics_count_ulps():
 
 def test_another_profile_names_the_isa_pin_it_moved():
     """native vs portable on one machine (the default job's pair in README): the verdict names both pins."""
-    changes = [diff.Change("pins", "cpu_capability", "AVX512", "AVX2"),
-               diff.Change("pins", "environment.MKL_CBWR", "AUTO", "COMPATIBLE"),
-               diff.Change("pins", "profile", "native", "portable"),
-               diff.Change("metrics", "eval_loss_after", 2.5, 2.6)]
+    changes = [
+        diff.Change("pins", "cpu_capability", "AVX512", "AVX2"),
+        diff.Change("pins", "environment.MKL_CBWR", "AUTO", "COMPATIBLE"),
+        diff.Change("pins", "profile", "native", "portable"),
+        diff.Change("metrics", "eval_loss_after", 2.5, 2.6),
+    ]
     assert diff.verdict(changes, identical=False) == (
         "different: same inputs and config, other determinism profile "
-        "(pins: profile native -> portable, ISA pin cpu_capability AVX512 -> AVX2)")
+        "(pins: profile native -> portable, ISA pin cpu_capability AVX512 -> AVX2)"
+    )
     # On a CPU whose native capability is the portable one, only the profile is named.
     assert diff.verdict(changes[1:], identical=False) == (
-        "different: same inputs and config, other determinism profile (pins: profile native -> portable)")
+        "different: same inputs and config, other determinism profile (pins: profile native -> portable)"
+    )
 
 
 def test_tensors_are_listed_in_layer_order():

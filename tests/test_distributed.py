@@ -8,13 +8,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from test_train import file_bytes
 
 
 def torchrun(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen) -> str:
@@ -24,18 +27,34 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def train_args(config: Path, model: Path, data: Path, out: Path) -> list[str]:
-    return ["-m", "reprolora", "train", "-q", "-c", str(config), "--base-model", str(model), "--dataset", str(data),
-            "-o", str(out)]
+    return [
+        "-m",
+        "reprolora",
+        "train",
+        "-q",
+        "-c",
+        str(config),
+        "--base-model",
+        str(model),
+        "--dataset",
+        str(data),
+        "-o",
+        str(out),
+    ]
 
 
 @pytest.mark.parametrize("nproc", [2, 3, 4])
-def test_world_size_gives_the_single_process_bytes(nproc, tiny_adapter, tiny_config, tiny_base_model, tiny_dataset,
-                                                   tmp_path):
+def test_world_size_gives_the_single_process_bytes(
+    nproc, tiny_adapter, tiny_config, tiny_base_model, tiny_dataset, tmp_path
+):
     # The tiny job's steps have 4 micro-batches (2 at each epoch's end): 3 ranks don't divide them, 4 leave ranks
     # idle. Each rank runs the config's 2 threads (the thread count is part of what fixes the bytes: README).
     out = tmp_path / "adapter"
-    finish(torchrun("--standalone", "--nproc-per-node", str(nproc),
-                    *train_args(tiny_config, tiny_base_model, tiny_dataset, out)))
+    finish(
+        torchrun(
+            "--standalone", "--nproc-per-node", str(nproc), *train_args(tiny_config, tiny_base_model, tiny_dataset, out)
+        )
+    )
     assert file_bytes(out) == file_bytes(tiny_adapter)
 
 
@@ -48,11 +67,27 @@ def free_port() -> int:
 def test_two_nodes_give_the_single_process_bytes(tiny_adapter, tiny_config, tiny_base_model, tiny_dataset, tmp_path):
     # Two torchrun agents meet at one rendezvous endpoint, as two machines would; each has its own output path,
     # and only global rank 0 publishes.
-    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "reprolora-two-nodes"]
-    nodes = [torchrun(*rendezvous, "--node-rank", str(rank),
-                      *train_args(tiny_config, tiny_base_model, tiny_dataset, tmp_path / f"node{rank}" / "adapter"))
-             for rank in range(2)]
+    rendezvous = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        "reprolora-two-nodes",
+    ]
+    nodes = [
+        torchrun(
+            *rendezvous,
+            "--node-rank",
+            str(rank),
+            *train_args(tiny_config, tiny_base_model, tiny_dataset, tmp_path / f"node{rank}" / "adapter"),
+        )
+        for rank in range(2)
+    ]
     for node in nodes:
         finish(node)
     published = [rank for rank in range(2) if (tmp_path / f"node{rank}" / "adapter").exists()]
@@ -77,5 +112,7 @@ def test_ranks_that_hold_different_weights_fail(tmp_path):
     script.write_text(DISAGREE)
     output = finish(torchrun("--standalone", "--nproc-per-node", "2", str(script)))
     for rank in range(2):
-        assert (f"rank {rank}: the ranks disagree on the sha256 of the trained weights "
-                "(rank 0: digest-0, rank 1: digest-1); nothing was published") in output
+        assert (
+            f"rank {rank}: the ranks disagree on the sha256 of the trained weights "
+            "(rank 0: digest-0, rank 1: digest-1); nothing was published"
+        ) in output

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import tiny
-from conftest import run_cli
+from reprolora.core.errors import ReproloraError
 from reprolora.data import dataset
 from reprolora.models import families
-from reprolora.core.errors import ReproloraError
+
+import tiny
+from conftest import run_cli
 
 # Short on purpose (3 steps): what is tested is that every family runs the whole path and gives the same bytes twice.
 JOB = """\
@@ -38,17 +39,23 @@ max_new_tokens = 4
 """
 
 _LLAMA_ATTENTION = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
-_LLAMA_STYLE = {"attention": _LLAMA_ATTENTION,
-                "all-linear": _LLAMA_ATTENTION | {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}}
+_LLAMA_STYLE = {
+    "attention": _LLAMA_ATTENTION,
+    "all-linear": _LLAMA_ATTENTION | {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+}
 # What each preset adapts in every layer, named within the layer.
 ADAPTED = {
     "llama": _LLAMA_STYLE,
     "qwen2": _LLAMA_STYLE,
     "mistral": _LLAMA_STYLE,
-    "gpt2": {"attention": {"attn.c_attn", "attn.c_proj"},
-             "all-linear": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}},
-    "gpt_neox": {"attention": {"attention.query_key_value", "attention.dense"},
-                 "all-linear": {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}},
+    "gpt2": {
+        "attention": {"attn.c_attn", "attn.c_proj"},
+        "all-linear": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
+    },
+    "gpt_neox": {
+        "attention": {"attention.query_key_value", "attention.dense"},
+        "all-linear": {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
+    },
 }
 LAYERS = 2  # of every tiny model
 
@@ -142,18 +149,25 @@ def test_target_module_errors_name_the_key(family_model):
     model = load_model(family_model("gpt_neox"))
     with pytest.raises(ReproloraError, match=r"^lora.target_modules: the base model has no module named 'q_proj'$"):
         families.target_modules(model, ["query_key_value", "q_proj"])
-    with pytest.raises(ReproloraError, match=r"^lora.target_modules: 'attention' names a GPTNeoXAttention, not a linear"):
+    with pytest.raises(
+        ReproloraError, match=r"^lora.target_modules: 'attention' names a GPTNeoXAttention, not a linear"
+    ):
         families.target_modules(model, ["attention"])
-    with pytest.raises(ReproloraError, match=r"^lora.target_modules: preset 'attention' is defined for model types "
-                                             r"gpt2, gpt_neox, llama, mistral, qwen2, not 'gemma'; name the modules"):
+    with pytest.raises(
+        ReproloraError,
+        match=r"^lora.target_modules: preset 'attention' is defined for model types "
+        r"gpt2, gpt_neox, llama, mistral, qwen2, not 'gemma'; name the modules",
+    ):
         families.preset_modules("gemma", "attention")
     with pytest.raises(ReproloraError, match=r"^lora.target_modules: unknown preset 'mlp'"):
         families.preset_modules("llama", "mlp")
 
 
-LLAMA3_DATE = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = '
-               'strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}{%- endif %}{%- endif %}'
-               "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+LLAMA3_DATE = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = "
+    'strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}{%- endif %}{%- endif %}'
+    "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+)
 
 
 def test_chat_template_date_is_fixed_so_the_text_does_not_change_by_day(family_model):
@@ -162,7 +176,12 @@ def test_chat_template_date_is_fixed_so_the_text_does_not_change_by_day(family_m
     tokenizer = AutoTokenizer.from_pretrained(family_model("llama"))
     messages = [{"role": "user", "content": "Why pin seeds?"}]
     tokenizer.chat_template = LLAMA3_DATE  # as Llama 3.1-3.3's templates do
-    assert dataset.render(tokenizer, messages, add_generation_prompt=True) == "Today Date: 26 Jul 2024\nuser: Why pin seeds?\n"
-    tokenizer.chat_template = "Today: {{ strftime_now('%Y-%m-%d') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert (
+        dataset.render(tokenizer, messages, add_generation_prompt=True)
+        == "Today Date: 26 Jul 2024\nuser: Why pin seeds?\n"
+    )
+    tokenizer.chat_template = (
+        "Today: {{ strftime_now('%Y-%m-%d') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(ReproloraError, match="chat template writes today's date"):
         dataset.render(tokenizer, messages, add_generation_prompt=True)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from reprolora.models import base_model
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 
 def test_conversion_without_gguf_fails_with_one_clear_line_before_downloading(tmp_path, monkeypatch):
@@ -22,7 +22,10 @@ def test_conversion_without_gguf_fails_with_one_clear_line_before_downloading(tm
 
 
 def test_training_inference_and_serving_never_import_gguf():
-    code = ("import sys; import reprolora.cli.main, reprolora.training.train, reprolora.decoding.infer, reprolora.serving.serve, reprolora.core.adapter; "
-            "sys.exit('gguf' in sys.modules)")
+    code = (
+        "import sys; import reprolora.cli.main, reprolora.training.train, reprolora.decoding.infer, "
+        "reprolora.serving.serve, reprolora.core.adapter; "
+        "sys.exit('gguf' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr or "gguf was imported"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from reprolora.core.canonical import canonical_json, file_entry
+
+from conftest import run_cli
 
 PROMPT = "Why pin seeds?"
 
@@ -53,8 +54,22 @@ def test_prompt_from_argument_file_and_stdin_agree(tiny_adapter: Path, tiny_base
     prompt_file.write_text(PROMPT + "\n")  # the newline an editor adds is not part of the prompt
     from_file = infer(tiny_adapter, tiny_base_model, "--file", str(prompt_file), "-n", "6").stdout
     from_stdin = subprocess.run(
-        [sys.executable, "-m", "reprolora", "infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "-n", "6"],
-        input=PROMPT + "\n", capture_output=True, text=True, timeout=600, env=os.environ,
+        [
+            sys.executable,
+            "-m",
+            "reprolora",
+            "infer",
+            str(tiny_adapter),
+            "--base-model",
+            str(tiny_base_model),
+            "-n",
+            "6",
+        ],
+        input=PROMPT + "\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
     )
     assert from_stdin.returncode == 0, from_stdin.stderr
     assert from_argument == from_file == from_stdin.stdout
@@ -63,8 +78,21 @@ def test_prompt_from_argument_file_and_stdin_agree(tiny_adapter: Path, tiny_base
 
 def test_check_alone_reads_no_stdin(tiny_adapter: Path, tiny_base_model: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "reprolora", "infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--check"],
-        stdin=subprocess.PIPE, capture_output=True, text=True, timeout=600, env=os.environ,
+        [
+            sys.executable,
+            "-m",
+            "reprolora",
+            "infer",
+            str(tiny_adapter),
+            "--base-model",
+            str(tiny_base_model),
+            "--check",
+        ],
+        stdin=subprocess.PIPE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ,
     )  # stdin left open: reading it would hang until the timeout
     assert result.returncode == 0, result.stderr
     assert "check passed: 1 golden probes" in result.stderr
@@ -82,8 +110,9 @@ def test_changed_byte_in_weights_is_refused(tiny_adapter: Path, tiny_base_model:
     assert "refusing to load" in result.stderr
 
 
-def test_changed_weight_with_rewritten_manifest_fails_the_probes(tiny_adapter: Path, tiny_base_model: Path,
-                                                                  tmp_path: Path) -> None:
+def test_changed_weight_with_rewritten_manifest_fails_the_probes(
+    tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
+) -> None:
     """Someone edits a weight and re-hashes the manifest: every hash holds, the golden probes must not."""
     from safetensors.torch import load_file, save_file
 
@@ -111,8 +140,9 @@ def test_changed_weight_with_rewritten_manifest_fails_the_probes(tiny_adapter: P
     assert with_prompt.returncode == 1 and with_prompt.stdout == ""
 
 
-def test_logits_that_change_under_the_same_tokens_fail_the_check(tiny_adapter: Path, tiny_base_model: Path,
-                                                                  tmp_path: Path) -> None:
+def test_logits_that_change_under_the_same_tokens_fail_the_check(
+    tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
+) -> None:
     """A weight nudged too little to flip any argmax, the manifest re-hashed: only the logits hash can tell."""
     from safetensors.torch import load_file, save_file
 
@@ -147,13 +177,18 @@ def base_copy(tiny_base_model: Path, tmp_path: Path, change: str) -> Path:
     return base
 
 
-@pytest.mark.parametrize("change, message", [
-    ("differs", "config.json differs"),
-    ("unexpected", "chat_template.jinja is unexpected"),
-    ("missing", "tokenizer_config.json is missing"),
-], ids=["differs", "unexpected", "missing"])
-def test_changed_base_model_is_refused(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path, change: str,
-                                       message: str) -> None:
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("differs", "config.json differs"),
+        ("unexpected", "chat_template.jinja is unexpected"),
+        ("missing", "tokenizer_config.json is missing"),
+    ],
+    ids=["differs", "unexpected", "missing"],
+)
+def test_changed_base_model_is_refused(
+    tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path, change: str, message: str
+) -> None:
     result = infer(tiny_adapter, base_copy(tiny_base_model, tmp_path, change), PROMPT, check=False)
     assert result.returncode == 2, result.stderr
     assert f"base model does not match its pinned hashes: {message}" in result.stderr
@@ -165,13 +200,18 @@ def test_other_base_model_must_be_named(tiny_adapter: Path) -> None:
     assert "pass --base-model DIR" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["PROMPT", "--file", "x.txt"], "not both"),
-    ([" \n"], "the prompt is empty"),
-    (["--file", "/nonexistent/prompt.txt"], "prompt file not found"),
-    (["PROMPT", "-n", "0"], "--max-new-tokens must be at least 1"),
-])
-def test_bad_arguments_fail_before_loading(tiny_adapter: Path, tiny_base_model: Path, args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["PROMPT", "--file", "x.txt"], "not both"),
+        ([" \n"], "the prompt is empty"),
+        (["--file", "/nonexistent/prompt.txt"], "prompt file not found"),
+        (["PROMPT", "-n", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(
+    tiny_adapter: Path, tiny_base_model: Path, args: list[str], message: str
+) -> None:
     result = infer(tiny_adapter, tiny_base_model, *args, check=False)
     assert result.returncode == 2
     assert message in result.stderr

@@ -23,17 +23,28 @@ def merged(tiny_adapter: Path, tiny_base_model: Path, tmp_path_factory: pytest.T
     return out, result.stdout
 
 
-def test_two_merges_give_the_same_bytes_and_a_manifest(merged, tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path):
+def test_two_merges_give_the_same_bytes_and_a_manifest(
+    merged, tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
+):
     import hashlib
 
     folder, printed = merged
     again = tmp_path / "again"
     run_cli("merge", str(tiny_adapter), "--base-model", str(tiny_base_model), "-o", str(again))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in again.iterdir()}
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "manifest.json",
-                                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["adapter"]["manifest_sha256"] == hashlib.sha256((tiny_adapter / "manifest.json").read_bytes()).hexdigest()
+    assert (
+        manifest["adapter"]["manifest_sha256"]
+        == hashlib.sha256((tiny_adapter / "manifest.json").read_bytes()).hexdigest()
+    )
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).read_bytes() == (tiny_base_model / name).read_bytes()
     from reprolora.export import merge
@@ -52,8 +63,9 @@ def test_transformers_loads_the_merged_folder_as_peft_merges_it(merged, tiny_ada
     folder, _ = merged
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert not any("lora" in name for name, _ in plain.named_parameters())
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32),
-                                             str(tiny_adapter))
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32), str(tiny_adapter)
+    )
     ids = torch.tensor([[5, 17, 80, 33, 2, 101, 64, 9]])
     with torch.inference_mode():
         on_the_fly = with_adapter(input_ids=ids).logits
@@ -72,12 +84,18 @@ def test_merge_refuses_a_changed_adapter(tiny_adapter: Path, tiny_base_model: Pa
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, adapter)
     (adapter / "adapter_config.json").write_text("{}\n")
-    refused = run_cli("merge", str(adapter), "--base-model", str(tiny_base_model), "-o", str(tmp_path / "out"), check=False)
+    refused = run_cli(
+        "merge", str(adapter), "--base-model", str(tiny_base_model), "-o", str(tmp_path / "out"), check=False
+    )
     assert refused.returncode == 2 and "adapter_config.json" in refused.stderr and not (tmp_path / "out").exists()
 
 
 def unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
-    return weights.reshape(heads, weights.shape[0] // heads // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(heads, weights.shape[0] // heads // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -102,19 +120,44 @@ def test_gguf_reads_back_as_the_merged_weights(merged, dtype: str, tmp_path: Pat
     tokens = meta["tokenizer.ggml.tokens"]
     assert len(tokens) == config["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
     assert meta["tokenizer.ggml.eos_token_id"] == config["eos_token_id"]
-    assert meta["tokenizer.ggml.merges"] == []  # the tiny tokenizer has none, but llama.cpp refuses a BPE without the key
-    assert meta["tokenizer.chat_template"] == json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    assert (
+        meta["tokenizer.ggml.merges"] == []
+    )  # the tiny tokenizer has none, but llama.cpp refuses a BPE without the key
+    assert (
+        meta["tokenizer.chat_template"] == json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    )
 
     weights = load_file(str(folder / "model.safetensors"))
     layers = config["num_hidden_layers"]
     expected_names = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{kind}.weight" for i in range(layers) for kind in
-        ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")}
+        f"blk.{i}.{kind}.weight"
+        for i in range(layers)
+        for kind in (
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "attn_norm",
+            "ffn_norm",
+        )
+    }
     assert {t.name for t in reader.tensors} == expected_names  # tied embeddings: no output.weight
-    back = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
-            "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    back = {
+        "token_embd": "model.embed_tokens",
+        "output_norm": "model.norm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     for tensor in reader.tensors:
         parts = tensor.name.split(".")
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape([int(n) for n in reversed(tensor.shape)])
@@ -169,8 +212,9 @@ def llama_cpp_greedy(model: Path, prompt: str, max_tokens: int, logits: bool = F
             pytest.fail(f"needs {problem}, and CI=true: .ci/run must install it")
         pytest.skip(f"needs {problem}")
     request = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "logits": logits})
-    result = subprocess.run(["node", str(LLAMACPP / "greedy.mjs"), str(model)], input=request, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        ["node", str(LLAMACPP / "greedy.mjs"), str(model)], input=request, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, f"llama.cpp failed on {model.name}:\n{result.stderr[-3000:]}"
     return json.loads(result.stdout)
 
@@ -182,8 +226,11 @@ LOGIT_TOLERANCE = {"f32": 1e-5, "f16": 2e-3}
 @pytest.fixture(scope="module")
 def infer_answer(tiny_adapter: Path, tiny_base_model: Path) -> dict:
     """`reprolora infer`'s greedy answer (adapter applied on the fly) to the prompt the llama.cpp test asks."""
-    return json.loads(run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", "-n", "8",
-                              "Why pin seeds?").stdout)
+    return json.loads(
+        run_cli(
+            "infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", "-n", "8", "Why pin seeds?"
+        ).stdout
+    )
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -202,15 +249,18 @@ def test_llama_cpp_loads_the_gguf_and_answers_as_infer_does(merged, infer_answer
     answer = llama_cpp_greedy(out, render(tokenizer, messages, add_generation_prompt=True), 8, logits=True)
 
     assert answer["prompt_ids"] == prompt_ids(tokenizer, messages)  # llama.cpp tokenizes as the base model does
-    assert (answer["token_ids"], answer["text"], answer["finish_reason"]) == \
-        (infer_answer["token_ids"], infer_answer["text"], infer_answer["finish_reason"])
+    assert (answer["token_ids"], answer["text"], answer["finish_reason"]) == (
+        infer_answer["token_ids"],
+        infer_answer["text"],
+        infer_answer["finish_reason"],
+    )
     # Every step's logits over the whole vocabulary, against the merged folder's in transformers.
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([answer["prompt_ids"] + answer["token_ids"]])).logits[0]
     start = len(answer["prompt_ids"]) - 1
     ours = torch.tensor(answer["logits"])
-    difference = float((ours - reference[start:start + len(ours)]).abs().max())
+    difference = float((ours - reference[start : start + len(ours)]).abs().max())
     print(f"{answer['llama_cpp']}, {dtype}: max |logit difference| vs transformers {difference:.3g}")
     assert ours.shape == (len(answer["token_ids"]) + (answer["finish_reason"] == "stop"), model.config.vocab_size)
     assert difference < LOGIT_TOLERANCE[dtype]
@@ -226,8 +276,8 @@ def test_layout_reproduces_the_default_models_own_gguf():
     import gguf
     from safetensors.numpy import load_file
 
-    from reprolora.models import base_model
     from reprolora.export import export_gguf
+    from reprolora.models import base_model
 
     folder = base_model.prepare_default()
     config = json.loads((folder / "config.json").read_text())
@@ -238,7 +288,9 @@ def test_layout_reproduces_the_default_models_own_gguf():
         assert {t.name for t in reader.tensors} == set(ours)  # llama.cpp's names
         for tensor in reader.tensors:
             original = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-            assert np.array_equal(original.reshape([int(n) for n in reversed(tensor.shape)]), ours[tensor.name]), tensor.name
+            assert np.array_equal(original.reshape([int(n) for n in reversed(tensor.shape)]), ours[tensor.name]), (
+                tensor.name
+            )
         fields = {key for key, _, _ in export_gguf._default_gguf_tokenizer()}
         assert fields == {name for name in reader.fields if name.startswith("tokenizer.")}
         del reader

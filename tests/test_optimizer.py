@@ -23,6 +23,6 @@ def test_adamw_follows_torch_adamw():
 def test_schedule_warms_up_then_decays():
     lrs = [learning_rate(step, 10, 2, 1.0, "cosine") for step in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and lrs[-1] < 0.05
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
     assert [learning_rate(s, 10, 0, 1.0, "constant") for s in (0, 9)] == [1.0, 1.0]
     assert learning_rate(5, 10, 0, 1.0, "linear") == 0.5

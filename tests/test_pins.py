@@ -53,7 +53,9 @@ def test_openblas_build() -> None:
 def test_unknown_build() -> None:
     assert pins.blas_from_config(UNKNOWN_BUILD) == {"name": "unknown", "version": None}
     assert pins.blas_from_config("PyTorch built with:\n  - LAPACK is enabled (usually provided by MKL)\n") == {
-        "name": "unknown", "version": None}
+        "name": "unknown",
+        "version": None,
+    }
 
 
 def test_build_settings_are_parsed_as_a_list() -> None:
@@ -68,12 +70,15 @@ def test_build_settings_are_parsed_as_a_list() -> None:
 
 def test_blas_of_this_torch() -> None:
     """The torch installed here: its own BLAS_INFO, and a version for MKL (from the text) or OpenBLAS (the library)."""
-    code = ("from reprolora.core import pins; import json, torch; print(json.dumps([pins.blas(), pins.blas_version(), "
-            "pins.build_settings(torch.__config__.show())['BLAS_INFO']]))")
+    code = (
+        "from reprolora.core import pins; import json, torch; print(json.dumps([pins.blas(), pins.blas_version(), "
+        "pins.build_settings(torch.__config__.show())['BLAS_INFO']]))"
+    )
     import json
 
-    name, version, blas_info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                         check=True).stdout)
+    name, version, blas_info = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert name == {"open": "openblas"}.get(blas_info, blas_info)
     if name in ("mkl", "openblas"):
         assert version and version[0].isdigit()

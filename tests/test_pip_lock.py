@@ -35,15 +35,18 @@ def locked() -> dict[str, tuple[str, list[str]]]:
     for block in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
         match = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
         if match:
-            pins[match.group(1).lower().replace("_", "-")] = (match.group(2),
-                                                               re.findall(r"--hash=sha256:([0-9a-f]{64})", block))
+            pins[match.group(1).lower().replace("_", "-")] = (
+                match.group(2),
+                re.findall(r"--hash=sha256:([0-9a-f]{64})", block),
+            )
     return pins
 
 
 def test_lock_pins_every_requirement_with_its_hashes():
     project = tomllib.loads((REPO / "python" / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["gguf"] + \
-        project["optional-dependencies"]["test"]
+    requirements = (
+        project["dependencies"] + project["optional-dependencies"]["gguf"] + project["optional-dependencies"]["test"]
+    )
     pins = locked()
     for requirement in requirements:
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
@@ -77,11 +80,15 @@ def test_default_portable_job_under_the_lock_gives_the_committed_bytes(tmp_path)
         pytest.skip(message)
     out = tmp_path / "portable"
     run_cli("train", "-q", "-c", str(REPO / "pkgs" / "adapter.toml"), "-o", str(out))
-    built = "".join(f"{hashlib.sha256((out / name).read_bytes()).hexdigest()}  {name}\n"
-                    for name in ("adapter_config.json", "adapter_model.safetensors"))
+    built = "".join(
+        f"{hashlib.sha256((out / name).read_bytes()).hexdigest()}  {name}\n"
+        for name in ("adapter_config.json", "adapter_model.safetensors")
+    )
     if not EXPECTED.exists():
-        pytest.fail(f"{EXPECTED.name} is not committed yet. This machine's build gave the lines below; review "
-                    f"them and commit them as expected/{EXPECTED.name}:\n{built}")
+        pytest.fail(
+            f"{EXPECTED.name} is not committed yet. This machine's build gave the lines below; review "
+            f"them and commit them as expected/{EXPECTED.name}:\n{built}"
+        )
     assert built == EXPECTED.read_text(), (
         f"the default portable job gave other bytes than {EXPECTED.name} on this machine "
         f"({platform.processor() or platform.machine()}):\n{built}"

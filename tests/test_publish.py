@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 def write_keypair(folder: Path, name: str) -> tuple[Path, Path]:
     key = ed25519.Ed25519PrivateKey.generate()
     private, public = folder / f"{name}.pem", folder / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return private, public
 
 
@@ -44,7 +46,7 @@ def signed(tiny_adapter: Path, keys, tmp_path_factory: pytest.TempPathFactory) -
 def front_matter(card: str) -> dict[str, object]:
     """The YAML front matter of a card, for the flat keys and `- item` lists it uses."""
     assert card.startswith("---\n")
-    block = card[4:card.index("\n---\n")]
+    block = card[4 : card.index("\n---\n")]
     result: dict[str, object] = {}
     key = ""
     for line in block.splitlines():
@@ -71,8 +73,11 @@ def test_card_is_written_by_train_and_recorded(tiny_adapter: Path):
     assert f"{metrics['eval_perplexity_before']:.2f} → {metrics['eval_perplexity_after']:.2f}" in card
     for probe in manifest["probes"]["results"]:
         assert probe["logits_sha256"] in card and json.dumps(probe["text"]) in card
-    hashes = [*manifest["inputs"]["base_model"]["files"].values(), manifest["inputs"]["dataset"]["sha256"],
-              *(entry["sha256"] for name, entry in manifest["files"].items() if name != "README.md")]
+    hashes = [
+        *manifest["inputs"]["base_model"]["files"].values(),
+        manifest["inputs"]["dataset"]["sha256"],
+        *(entry["sha256"] for name, entry in manifest["files"].items() if name != "README.md"),
+    ]
     assert all(h in card for h in hashes)
     assert "reprolora verify ADAPTER_DIR --attestation" in card and "nix build" in card
     assert "pip install --require-hashes -r python/requirements.lock" in card  # the toolchain above, not a range
@@ -92,13 +97,16 @@ def test_card_config_block_reads_back_as_the_same_job(tiny_adapter: Path, tmp_pa
     assert recorded["dataset"].pop("path") == "tiny.jsonl"
     assert parsed == recorded
 
+
 def test_card_command_rewrites_the_same_bytes_and_refuses_a_changed_folder(tiny_adapter: Path, tmp_path: Path):
     folder = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, folder)
     (folder / "README.md").write_text("an old card\n")
     assert run_cli("verify", str(folder), check=False).returncode == 1
     run_cli("card", str(folder))
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in tiny_adapter.iterdir()}
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {
+        p.name: p.read_bytes() for p in tiny_adapter.iterdir()
+    }
 
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
@@ -106,8 +114,9 @@ def test_card_command_rewrites_the_same_bytes_and_refuses_a_changed_folder(tiny_
     assert refused.returncode == 2 and "adapter_model.safetensors" in refused.stderr
 
 
-def test_card_and_attestation_bytes_are_identical_across_two_trainings(train_tiny, tiny_adapter: Path, keys,
-                                                                        signed: Path, tmp_path: Path):
+def test_card_and_attestation_bytes_are_identical_across_two_trainings(
+    train_tiny, tiny_adapter: Path, keys, signed: Path, tmp_path: Path
+):
     second = tmp_path / "second"
     train_tiny(second)
     assert (second / "README.md").read_bytes() == (tiny_adapter / "README.md").read_bytes()
@@ -125,7 +134,8 @@ def test_statement_is_slsa_provenance_of_every_file(tiny_adapter: Path, signed: 
     import hashlib
 
     assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_adapter.iterdir()}
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tiny_adapter.iterdir()
+    }
     build = statement["predicate"]["buildDefinition"]
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     assert build["externalParameters"]["config"] == manifest["inputs"]["config"]
@@ -142,8 +152,12 @@ def test_statement_is_slsa_provenance_of_every_file(tiny_adapter: Path, signed: 
 def test_verify_attestation_passes_and_fails_with_a_wrong_key(tiny_adapter: Path, signed: Path, keys):
     ok = run_cli("verify", str(tiny_adapter), "--attestation", str(signed), "--key", str(keys["public"]))
     assert "signature verifies" in ok.stdout
-    wrong = run_cli("verify", str(tiny_adapter), "--attestation", str(signed), "--key", str(keys["other_public"]), check=False)
-    assert wrong.returncode == 1 and "no signature verifies" in wrong.stderr and str(keys["other_public"]) in wrong.stderr
+    wrong = run_cli(
+        "verify", str(tiny_adapter), "--attestation", str(signed), "--key", str(keys["other_public"]), check=False
+    )
+    assert (
+        wrong.returncode == 1 and "no signature verifies" in wrong.stderr and str(keys["other_public"]) in wrong.stderr
+    )
 
 
 def test_verify_attestation_fails_when_the_statement_is_edited(tiny_adapter: Path, signed: Path, keys, tmp_path: Path):
@@ -153,13 +167,16 @@ def test_verify_attestation_fails_when_the_statement_is_edited(tiny_adapter: Pat
     envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(envelope))
-    failed = run_cli("verify", str(tiny_adapter), "--attestation", str(forged), "--key", str(keys["public"]), check=False)
+    failed = run_cli(
+        "verify", str(tiny_adapter), "--attestation", str(forged), "--key", str(keys["public"]), check=False
+    )
     assert failed.returncode == 1 and "no signature verifies" in failed.stderr
 
 
 @pytest.mark.parametrize("name", ["README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json"])
-def test_one_changed_byte_in_any_subject_fails_naming_the_file(name: str, tiny_adapter: Path, signed: Path, keys,
-                                                               tmp_path: Path):
+def test_one_changed_byte_in_any_subject_fails_naming_the_file(
+    name: str, tiny_adapter: Path, signed: Path, keys, tmp_path: Path
+):
     folder = tmp_path / "adapter"
     shutil.copytree(tiny_adapter, folder)
     data = bytearray((folder / name).read_bytes())
@@ -185,11 +202,20 @@ def test_attest_refuses_a_bad_key_and_writes_nothing(tiny_adapter: Path, keys, t
     assert failed.returncode == 2 and "private key" in failed.stderr and not out.exists()
 
 
-def test_rebuild_passes_on_the_tiny_job_and_fails_with_another_dataset(tiny_adapter: Path, signed: Path, keys,
-                                                                        tiny_dataset: Path, tiny_base_model: Path,
-                                                                        tmp_path: Path):
-    common = ["verify", str(tiny_adapter), "--attestation", str(signed), "--key", str(keys["public"]), "--rebuild",
-              "--base-model", str(tiny_base_model)]
+def test_rebuild_passes_on_the_tiny_job_and_fails_with_another_dataset(
+    tiny_adapter: Path, signed: Path, keys, tiny_dataset: Path, tiny_base_model: Path, tmp_path: Path
+):
+    common = [
+        "verify",
+        str(tiny_adapter),
+        "--attestation",
+        str(signed),
+        "--key",
+        str(keys["public"]),
+        "--rebuild",
+        "--base-model",
+        str(tiny_base_model),
+    ]
     ok = run_cli(*common, "--dataset", str(tiny_dataset))
     assert "same bytes for every file" in ok.stdout
     swapped = tmp_path / "tiny.jsonl"

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from conftest import run_cli
 from reprolora.models import base_model
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +62,9 @@ def test_default_job_improves_eval_loss_and_rebuilds_bit_identically_at_another_
     assert without_thread_count(manifests[0]) == without_thread_count(manifests[1])
     cards = [(folder / "README.md").read_text() for folder in (first, second)]
     assert cards[0] != cards[1]  # the profile line and the config name the thread count
-    assert cards[0].replace("`native`, 2 threads", "`native`, 1 threads").replace("threads = 2", "threads = 1") == cards[1]
+    assert (
+        cards[0].replace("`native`, 2 threads", "`native`, 1 threads").replace("threads = 2", "threads = 1") == cards[1]
+    )
     assert run_cli("verify", str(first)).returncode == 0
     manifest = json.loads((first / "manifest.json").read_text())
     metrics = manifest["metrics"]

@@ -63,7 +63,7 @@ def test_loss_and_lora_gradients_match_transformers(family, tmp_path):
     loras = decoder.loras
     assert len(loras) == 6
     grads, _ = reference.gradients(loras, [(losses, rows)], 1)
-    for lora, d_a, d_b in zip(loras, grads[0::2], grads[1::2]):
+    for lora, d_a, d_b in zip(loras, grads[0::2], grads[1::2], strict=True):
         for ours, theirs in ((d_a, lora.A.grad), (d_b, lora.B.grad)):
             assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), lora.name
 
@@ -106,25 +106,51 @@ def test_other_families_get_one_clear_line(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- whole jobs
 
-REFERENCE_JOB = tiny.CONFIG.replace("threads = 2\n", "threads = {threads}\nprofile = \"reference\"\n").replace(
-    "[train]\n", "[train]\nmax_steps = 3\nmicro_batch_size = {micro_batch}\n"
-).replace("max_new_tokens = 8", "max_new_tokens = 4")
+REFERENCE_JOB = (
+    tiny.CONFIG.replace("threads = 2\n", 'threads = {threads}\nprofile = "reference"\n')
+    .replace("[train]\n", "[train]\nmax_steps = 3\nmicro_batch_size = {micro_batch}\n")
+    .replace("max_new_tokens = 8", "max_new_tokens = 4")
+)
 
 
-def reference_run(tmp_path: Path, name: str, model: Path, data: Path, threads: int = 2, micro_batch: int = 1,
-                  env: dict[str, str] | None = None, nproc: int = 1) -> dict[str, object]:
+def reference_run(
+    tmp_path: Path,
+    name: str,
+    model: Path,
+    data: Path,
+    threads: int = 2,
+    micro_batch: int = 1,
+    env: dict[str, str] | None = None,
+    nproc: int = 1,
+) -> dict[str, object]:
     """Train the tiny job (3 steps) under `reference` in a fresh process; what may not differ between runs."""
     import os
 
     config = tmp_path / f"{name}.toml"
     config.write_text(REFERENCE_JOB.format(threads=threads, micro_batch=micro_batch))
     out = tmp_path / name
-    train = ["-m", "reprolora", "train", "-q", "-c", str(config), "--base-model", str(model), "--dataset", str(data),
-             "-o", str(out)]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      "--nproc-per-node", str(nproc)]
-    result = subprocess.run([*launcher, *train], env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                            timeout=900)
+    train = [
+        "-m",
+        "reprolora",
+        "train",
+        "-q",
+        "-c",
+        str(config),
+        "--base-model",
+        str(model),
+        "--dataset",
+        str(data),
+        "-o",
+        str(out),
+    ]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    )
+    result = subprocess.run(
+        [*launcher, *train], env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     return {
@@ -143,9 +169,12 @@ def test_reference_bytes_depend_on_the_job_alone(tmp_path, tiny_base_model, tiny
     args = (tiny_base_model, tiny_dataset)
     first = reference_run(tmp_path, "base", *args)
     variations = {
-        "threads-1": dict(threads=1), "threads-4": dict(threads=4),
-        "micro-batch-2": dict(micro_batch=2), "micro-batch-4": dict(micro_batch=4),
-        "world-2": dict(nproc=2, threads=1), "world-3": dict(nproc=3, threads=1),
+        "threads-1": dict(threads=1),
+        "threads-4": dict(threads=4),
+        "micro-batch-2": dict(micro_batch=2),
+        "micro-batch-4": dict(micro_batch=4),
+        "world-2": dict(nproc=2, threads=1),
+        "world-3": dict(nproc=3, threads=1),
         "isa-default": dict(env={"ATEN_CPU_CAPABILITY": "default"}),
         "isa-avx2": dict(env={"ATEN_CPU_CAPABILITY": "avx2"}),
     }

@@ -18,8 +18,18 @@ from conftest import run_cli
 def other_seed(tiny_base_model, tiny_dataset, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("seed7")
     (folder / "job.toml").write_text(tiny.CONFIG.replace("seed = 42", "seed = 7"))
-    run_cli("train", "-q", "-c", str(folder / "job.toml"), "--base-model", str(tiny_base_model),
-            "--dataset", str(tiny_dataset), "-o", str(folder / "adapter"))
+    run_cli(
+        "train",
+        "-q",
+        "-c",
+        str(folder / "job.toml"),
+        "--base-model",
+        str(tiny_base_model),
+        "--dataset",
+        str(tiny_dataset),
+        "-o",
+        str(folder / "adapter"),
+    )
     return folder / "adapter"
 
 
@@ -88,10 +98,26 @@ def chromium_screenshot(page: Path, png: Path, profile: Path) -> str:
     if browser is None:
         pytest.skip("Debian's chromium is not installed here (.ci/run installs it)")
     result = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr",
-         "--v=0", "--hide-scrollbars", "--window-size=1200,1600", f"--screenshot={png}", page.as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--hide-scrollbars",
+            "--window-size=1200,1600",
+            f"--screenshot={png}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert png.is_file(), result.stderr[-2000:]
     return result.stderr
 
@@ -105,7 +131,9 @@ def test_renders_in_headless_chromium(tiny_adapter, other_seed, tmp_path):
     run_cli("report", str(tiny_adapter), str(other_seed), "-o", str(page))
     # The console check can fail: a page that logs an error is caught.
     broken = tmp_path / "broken.html"
-    broken.write_text("<!DOCTYPE html><html><body><p>x</p><script>console.error('planted'); undefined_call();</script></body></html>")
+    broken.write_text(
+        "<!DOCTYPE html><html><body><p>x</p><script>console.error('planted'); undefined_call();</script></body></html>"
+    )
     assert console_errors(chromium_screenshot(broken, tmp_path / "broken.png", tmp_path / "profile-broken"))
 
     log = chromium_screenshot(page, tmp_path / "report.png", tmp_path / "profile")

@@ -2,8 +2,9 @@
 
 import json
 
-from conftest import run_cli
 from reprolora.audit import reprotest
+
+from conftest import run_cli
 
 
 def test_quick_passes_under_every_variation():
@@ -17,8 +18,19 @@ def test_quick_passes_under_every_variation():
             assert row["sha256"] == rows[0]["sha256"]
     # The variations the issue requires run wherever the CI runs (.ci/run installs the Turkish locale).
     ran = {row["variation"] for row in rows if row["result"] == "same"}
-    assert {"cwd", "tz", "locale-c", "hashseed", "umask", "home-unset", "home-unwritable", "omp-threads",
-            "aten-capability", "mkl-cbwr", "nix-env"} <= ran
+    assert {
+        "cwd",
+        "tz",
+        "locale-c",
+        "hashseed",
+        "umask",
+        "home-unset",
+        "home-unwritable",
+        "omp-threads",
+        "aten-capability",
+        "mkl-cbwr",
+        "nix-env",
+    } <= ran
     assert "reprotest: 14 of 14 variations gave the reference bytes" in result.stderr or "skipped here" in result.stderr
 
 

@@ -12,25 +12,43 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import file_bytes
 
 from conftest import run_cli
-from test_train import file_bytes
 
 
 def train_command(config: Path, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "reprolora", "train", "-q", "-c", str(config), "--base-model", str(model),
-            "--dataset", str(data), "-o", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "reprolora",
+        "train",
+        "-q",
+        "-c",
+        str(config),
+        "--base-model",
+        str(model),
+        "--dataset",
+        str(data),
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
-def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(tiny_adapter, tiny_config, tiny_base_model,
-                                                                             tiny_dataset, tmp_path):
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(
+    tiny_adapter, tiny_config, tiny_base_model, tiny_dataset, tmp_path
+):
     total = json.loads((tiny_adapter / "manifest.json").read_text())["metrics"]["steps"]
     kill_after = random.randrange(1, total - 1)
     print(f"killing after checkpoint step {kill_after} of {total}")
     out = tmp_path / "adapter"
     checkpoints = tmp_path / "adapter.checkpoints"
-    process = subprocess.Popen(train_command(tiny_config, tiny_base_model, tiny_dataset, out, "--checkpoint-every", "1"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        train_command(tiny_config, tiny_base_model, tiny_dataset, out, "--checkpoint-every", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 600
     while not (checkpoints / f"step-{kill_after:06d}").exists():
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
@@ -43,8 +61,21 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(tiny
     saved = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-"))
     assert saved[0] == "step-000001" and f"step-{kill_after:06d}" in saved
 
-    result = run_cli("train", "-q", "-c", str(tiny_config), "--base-model", str(tiny_base_model), "--dataset",
-                     str(tiny_dataset), "-o", str(out), "--checkpoint-every", "1", "--resume")
+    result = run_cli(
+        "train",
+        "-q",
+        "-c",
+        str(tiny_config),
+        "--base-model",
+        str(tiny_base_model),
+        "--dataset",
+        str(tiny_dataset),
+        "-o",
+        str(out),
+        "--checkpoint-every",
+        "1",
+        "--resume",
+    )
     resumed_from = int(saved[-1].removeprefix("step-"))
     assert f"resuming from {checkpoints / saved[-1]} (step {resumed_from} of {total})" in result.stderr
     assert file_bytes(out) == file_bytes(tiny_adapter)
@@ -66,15 +97,19 @@ def checkpoints(train_tiny, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("change, message", [
-    ("learning-rate", "inputs.config.train.learning_rate (0.01 here, 0.02 in the checkpoint)"),
-    ("dataset", "inputs.dataset.sha256"),
-    ("base-model", "inputs.base_model.files.model.safetensors"),
-    ("toolchain", 'toolchain.torch ('),
-    ("damaged", "state.safetensors: missing or damaged"),
-])
-def test_resume_refuses_a_checkpoint_of_another_job(change, message, checkpoints, tiny_config, tiny_base_model,
-                                                   tiny_dataset, tmp_path):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("learning-rate", "inputs.config.train.learning_rate (0.01 here, 0.02 in the checkpoint)"),
+        ("dataset", "inputs.dataset.sha256"),
+        ("base-model", "inputs.base_model.files.model.safetensors"),
+        ("toolchain", "toolchain.torch ("),
+        ("damaged", "state.safetensors: missing or damaged"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_job(
+    change, message, checkpoints, tiny_config, tiny_base_model, tiny_dataset, tmp_path
+):
     out = tmp_path / "adapter"
     shutil.copytree(checkpoints, tmp_path / "adapter.checkpoints")
     config, model, data = tiny_config, tiny_base_model, tiny_dataset
@@ -105,8 +140,20 @@ def test_resume_refuses_a_checkpoint_of_another_job(change, message, checkpoints
         blob = bytearray(tensors.read_bytes())
         blob[-1] ^= 1
         tensors.write_bytes(bytes(blob))
-    result = run_cli("train", "-q", "-c", str(config), "--base-model", str(model), "--dataset", str(data), "-o",
-                     str(out), "--resume", check=False)
+    result = run_cli(
+        "train",
+        "-q",
+        "-c",
+        str(config),
+        "--base-model",
+        str(model),
+        "--dataset",
+        str(data),
+        "-o",
+        str(out),
+        "--resume",
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("reprolora: error: ") and message in last, last

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,8 +30,22 @@ class Server:
 
     def __init__(self, adapter: Path, base: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reprolora", "serve", str(adapter), "--base-model", str(base), "--port", "0", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ,
+            [
+                sys.executable,
+                "-m",
+                "reprolora",
+                "serve",
+                str(adapter),
+                "--base-model",
+                str(base),
+                "--port",
+                "0",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ,
         )
         self.log: list[str] = []
         ready = threading.Event()
@@ -53,8 +68,9 @@ class Server:
             self.proc.kill()
             raise AssertionError("server did not start:\n" + "".join(self.log))
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
+    def request(
+        self, method: str, path: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, str]:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
@@ -98,8 +114,9 @@ def server(tiny_adapter: Path, tiny_base_model: Path) -> Iterator[Server]:
 
 
 def test_cli_and_server_give_the_same_answer(server: Server, tiny_adapter: Path, tiny_base_model: Path) -> None:
-    cli = json.loads(run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", PROMPT,
-                             "-n", "8").stdout)
+    cli = json.loads(
+        run_cli("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--json", PROMPT, "-n", "8").stdout
+    )
     answer = server.complete(prompt=PROMPT, max_tokens=8, temperature=0)
     choice = answer["choices"][0]
     assert choice["text"] == cli["text"]
@@ -108,8 +125,11 @@ def test_cli_and_server_give_the_same_answer(server: Server, tiny_adapter: Path,
     assert choice["logits_sha256"] == cli["logits_sha256"]
     assert choice["finish_reason"] == cli["finish_reason"]
     assert answer["model"] == cli["model"]
-    assert answer["usage"] == {"prompt_tokens": cli["prompt_tokens"], "completion_tokens": cli["completion_tokens"],
-                               "total_tokens": cli["prompt_tokens"] + cli["completion_tokens"]}
+    assert answer["usage"] == {
+        "prompt_tokens": cli["prompt_tokens"],
+        "completion_tokens": cli["completion_tokens"],
+        "total_tokens": cli["prompt_tokens"] + cli["completion_tokens"],
+    }
 
 
 def test_stop_strings(server: Server) -> None:
@@ -168,8 +188,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("method, path, body, status", [case[1:] for case in BAD_REQUESTS],
-                         ids=[case[0] for case in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "method, path, body, status", [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
+)
 def test_bad_request_gets_its_status(server: Server, method: str, path: str, body: Any, status: int) -> None:
     got, raw, content_type = server.request(method, path, body)
     assert got == status, raw
@@ -183,7 +204,9 @@ def test_requests_http_server_rejects_itself(server: Server) -> None:
     """Length missing, chunked, a garbled request line: JSON errors too, never HTML or a trace."""
     status, body = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 411 and json.loads(body)["error"]["message"]
-    status, body = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    status, body = server.raw(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     assert status == 411 and json.loads(body)["error"]["message"]
     status, body = server.raw(b"POST /v1/completions HTTP/1.1\r\nContent-Length: many\r\n\r\n")
     assert status == 400 and json.loads(body)["error"]["message"]
@@ -211,15 +234,20 @@ def test_load_concurrent_clients_get_identical_answers(server: Server) -> None:
     for prompt, _, answer in results:
         choice = answer["choices"][0]
         assert (choice["token_ids"], choice["text"], choice["logits_sha256"]) == (
-            reference[prompt]["token_ids"], reference[prompt]["text"], reference[prompt]["logits_sha256"])
+            reference[prompt]["token_ids"],
+            reference[prompt]["text"],
+            reference[prompt]["logits_sha256"],
+        )
 
 
 def test_sigterm_finishes_the_request_in_flight(tiny_adapter: Path, tiny_base_model: Path) -> None:
     server = Server(tiny_adapter, tiny_base_model)
     expected = server.complete(prompt=PROMPT, max_tokens=8)["choices"][0]["token_ids"]
     body = json.dumps({"prompt": PROMPT, "max_tokens": 8}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
         sock.sendall(head + body[:10])  # the server has accepted this request and waits for the rest
         time.sleep(0.5)
@@ -241,7 +269,9 @@ def test_sigterm_finishes_the_request_in_flight(tiny_adapter: Path, tiny_base_mo
         socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
 
 
-def test_serve_check_refuses_to_start_on_failed_probes(tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path) -> None:
+def test_serve_check_refuses_to_start_on_failed_probes(
+    tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from safetensors.torch import load_file, save_file

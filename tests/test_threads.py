@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+
 from conftest import run_cli
 
 # The profiles whose bytes hold at any thread count (portable-fast is x86-64 only: MKL's AVX2 branch).
@@ -28,9 +29,12 @@ REDUCTIONS = textwrap.dedent("""
 
 def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
     # 100,003 elements: a power of two (65,536) happens to split on the cascade sum's own block boundaries.
-    by_threads = {threads: subprocess.run([sys.executable, "-c", REDUCTIONS, str(threads)], capture_output=True,
-                                          text=True, check=True, timeout=300).stdout.split()
-                  for threads in (1, 2, 4)}
+    by_threads = {
+        threads: subprocess.run(
+            [sys.executable, "-c", REDUCTIONS, str(threads)], capture_output=True, text=True, check=True, timeout=300
+        ).stdout.split()
+        for threads in (1, 2, 4)
+    }
     assert len({values[0] for values in by_threads.values()}) > 1  # a plain sum() splits: what the step avoids
     assert len({tuple(values[1:]) for values in by_threads.values()}) == 1
 
@@ -60,9 +64,16 @@ PRODUCTS = textwrap.dedent("""
 
 @pytest.mark.parametrize("profile", THREAD_INVARIANT)
 def test_matrix_products_do_not_change_with_the_thread_count(profile):
-    by_threads = {threads: subprocess.run([sys.executable, "-c", PRODUCTS, str(threads), profile], capture_output=True,
-                                          text=True, check=True, timeout=300).stdout.strip()
-                  for threads in (1, 2, 4)}
+    by_threads = {
+        threads: subprocess.run(
+            [sys.executable, "-c", PRODUCTS, str(threads), profile],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
+        for threads in (1, 2, 4)
+    }
     assert len(set(by_threads.values())) == 1, by_threads
 
 
@@ -75,11 +86,23 @@ def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp
         config = tmp_path / f"{threads}.toml"
         # r = 16: at a decoding step's rows MKL's x A^T product of that rank splits between threads (AMD EPYC), so
         # the golden probes, decoded at the job's thread count, check the decoder's way round it too.
-        job = tiny.CONFIG.replace("threads = 2\n", f"threads = {threads}\n").replace("r = 4\nalpha = 8\n", "r = 16\nalpha = 32\n")
+        job = tiny.CONFIG.replace("threads = 2\n", f"threads = {threads}\n").replace(
+            "r = 4\nalpha = 8\n", "r = 16\nalpha = 32\n"
+        )
         config.write_text(f'profile = "{profile}"\n' + job)
         out = tmp_path / f"threads-{threads}"
-        run_cli("train", "-q", "-c", str(config), "--base-model", str(tiny_base_model), "--dataset", str(tiny_dataset),
-                "-o", str(out))
+        run_cli(
+            "train",
+            "-q",
+            "-c",
+            str(config),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(out),
+        )
         adapters[threads] = [(out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")]
         probes[threads] = json.loads((out / "manifest.json").read_text())["probes"]
     assert adapters[1] == adapters[2]
@@ -102,7 +125,8 @@ DECODER_PRODUCTS = textwrap.dedent("""
     for width, r in ((576, 4), (576, 16), (16, 4)):
         holder = torch.nn.Module()
         holder.q_proj = torch.nn.Linear(576, width)
-        layer = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"]), holder).q_proj.eval()
+        lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])
+        layer = inject_adapter_in_model(lora, holder).q_proj.eval()
         with torch.no_grad():
             layer.base_layer.weight.copy_(rand(width, 576, seed=3) * 0.04)
             layer.base_layer.bias.copy_(rand(width, seed=4) * 0.01)
@@ -119,7 +143,14 @@ DECODER_PRODUCTS = textwrap.dedent("""
 
 @pytest.mark.parametrize("profile", THREAD_INVARIANT)
 def test_the_decoders_linear_layers_do_not_change_with_the_thread_count(profile):
-    by_threads = {threads: subprocess.run([sys.executable, "-c", DECODER_PRODUCTS, str(threads), profile],
-                                          capture_output=True, text=True, check=True, timeout=300).stdout.strip()
-                  for threads in (1, 2, 4)}
+    by_threads = {
+        threads: subprocess.run(
+            [sys.executable, "-c", DECODER_PRODUCTS, str(threads), profile],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
+        for threads in (1, 2, 4)
+    }
     assert len(set(by_threads.values())) == 1, by_threads

@@ -47,19 +47,40 @@ def test_output_is_canonical(tiny_adapter):
 # The pinned variables of each profile on x86_64 as the training process must see them (None: removed), written
 # out here rather than read from reprolora.core.pins, so a pin that goes missing there fails the tests.
 PINNED_X86_64 = {
-    "native": {"ATEN_CPU_CAPABILITY": None, "MKL_CBWR": "AUTO,STRICT", "MKL_ENABLE_INSTRUCTIONS": None,
-               "ONEDNN_MAX_CPU_ISA": "ALL", "OPENBLAS_CORETYPE": None},
-    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                 "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"},
-    "portable-fast": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-                      "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"},
+    "native": {
+        "ATEN_CPU_CAPABILITY": None,
+        "MKL_CBWR": "AUTO,STRICT",
+        "MKL_ENABLE_INSTRUCTIONS": None,
+        "ONEDNN_MAX_CPU_ISA": "ALL",
+        "OPENBLAS_CORETYPE": None,
+    },
+    "portable": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "COMPATIBLE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell",
+    },
+    "portable-fast": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "AVX2,STRICT",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell",
+    },
 }
 
 
 def pinned_x86_64(profile: str, threads: int) -> dict[str, str | None]:
-    common = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE", "TOKENIZERS_PARALLELISM": "false",
-              "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-              "HF_HUB_DISABLE_TELEMETRY": "1"}
+    common = {
+        "OMP_DYNAMIC": "FALSE",
+        "MKL_DYNAMIC": "FALSE",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     return dict(sorted({**common, **threads_env, **PINNED_X86_64[profile]}.items()))
 
@@ -68,7 +89,9 @@ def native_cpu_capability() -> str:
     """What torch picks on this CPU when nobody sets ATEN_CPU_CAPABILITY, asked in a clean process."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 needs_x86_64 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="pins written out for x86_64")
@@ -104,7 +127,15 @@ def test_fresh_process_gives_identical_bytes(train_tiny, tiny_adapter, tmp_path)
         ({"ATEN_CPU_CAPABILITY": "default"}, False),
         ({"MKL_CBWR": "COMPATIBLE"}, False),
     ],
-    ids=["hashseed-1", "hashseed-12345", "tz-locale-cwd", "locale-tr", "threads-1", "aten-default", "mkl-cbwr-compatible"],
+    ids=[
+        "hashseed-1",
+        "hashseed-12345",
+        "tz-locale-cwd",
+        "locale-tr",
+        "threads-1",
+        "aten-default",
+        "mkl-cbwr-compatible",
+    ],
 )
 def test_user_environment_does_not_change_the_bytes(train_tiny, tiny_adapter, tmp_path, env, other_cwd):
     if env.get("LC_ALL") or env.get("LANG"):
@@ -140,15 +171,34 @@ WITHOUT_ONE_PIN = textwrap.dedent("""
 """)
 
 
-def test_cpu_capability_perturbation_changes_the_bytes_without_its_pin(tiny_adapter, tmp_path, tiny_config,
-                                                                       tiny_base_model, tiny_dataset):
+def test_cpu_capability_perturbation_changes_the_bytes_without_its_pin(
+    tiny_adapter, tmp_path, tiny_config, tiny_base_model, tiny_dataset
+):
     if native_cpu_capability() == "DEFAULT":
         pytest.skip("torch runs its DEFAULT code path here: ATEN_CPU_CAPABILITY=default changes nothing")
     out = tmp_path / "unpinned"
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_ONE_PIN, "ATEN_CPU_CAPABILITY", "train", "-q", "-c", str(tiny_config),
-         "--base-model", str(tiny_base_model), "--dataset", str(tiny_dataset), "-o", str(out)],
-        env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_ONE_PIN,
+            "ATEN_CPU_CAPABILITY",
+            "train",
+            "-q",
+            "-c",
+            str(tiny_config),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(out),
+        ],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     unpinned = json.loads((out / "manifest.json").read_text())
     assert unpinned["pins"]["cpu_capability"] == "DEFAULT"
@@ -171,8 +221,14 @@ THREAD_SENSITIVE_SUM = textwrap.dedent("""
 def test_thread_pins_beat_the_users_thread_count():
     def total(mode: str, threads: str) -> str:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        return subprocess.run([sys.executable, "-c", THREAD_SENSITIVE_SUM, mode], env=env, capture_output=True,
-                              text=True, check=True, timeout=300).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", THREAD_SENSITIVE_SUM, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout.strip()
 
     assert total("unpinned", "1") != total("unpinned", "2")  # the op does depend on the thread count
     assert total("pinned", "1") == total("pinned", "2") == total("unpinned", "2")
@@ -184,8 +240,15 @@ def test_fingerprint_reports_the_pinned_process_whatever_the_user_set(profile, t
     threads = (os.cpu_count() or 1) + 1  # neither torch's default nor the user's
     config = tmp_path / "job.toml"
     config.write_text(f'profile = "{profile}"\nthreads = {threads}\n')
-    user = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_CBWR": "AVX",
-            "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_DYNAMIC": "TRUE"}
+    user = {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_CBWR": "AVX",
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "OMP_DYNAMIC": "TRUE",
+    }
     process = json.loads(run_cli("fingerprint", "--json", "-c", str(config), env=user).stdout)["process"]
     assert process["environment"] == pinned_x86_64(profile, threads)
     assert process["torch_threads"] == process["omp_max_threads"] == threads
@@ -196,8 +259,14 @@ def test_fingerprint_reports_the_pinned_process_whatever_the_user_set(profile, t
 
 
 def cpu_vendor() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("vendor_id")), "")
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("vendor_id")
+        ),
+        "",
+    )
 
 
 def mkl_branch(profile: str) -> str:
@@ -213,8 +282,18 @@ def test_portable_profile_gives_its_own_reproducible_bytes(tmp_path, tiny_adapte
     config = tmp_path / "portable.toml"
     config.write_text('profile = "portable"\n' + tiny.CONFIG)
     for name in ("a", "b"):
-        run_cli("train", "-q", "-c", str(config), "--base-model", str(tiny_base_model), "--dataset", str(tiny_dataset),
-                "-o", str(tmp_path / name))
+        run_cli(
+            "train",
+            "-q",
+            "-c",
+            str(config),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(tmp_path / name),
+        )
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     pins = json.loads((tmp_path / "a" / "manifest.json").read_text())["pins"]
     if pins["machine"] == "x86_64":
@@ -238,13 +317,18 @@ PEFT_CHECK = textwrap.dedent("""
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     for probe in manifest["probes"]["results"]:
         got = greedy(model, tokenizer, probe["prompt"], manifest["probes"]["max_new_tokens"])
-        print(json.dumps({"ids": got.token_ids == probe["token_ids"], "logits": got.logits_sha256 == probe["logits_sha256"]}))
+        same = {"ids": got.token_ids == probe["token_ids"], "logits": got.logits_sha256 == probe["logits_sha256"]}
+        print(json.dumps(same))
 """)
 
 
 def test_peft_loads_the_adapter_and_its_logits_equal_ours(tiny_adapter, tiny_base_model):
-    result = subprocess.run([sys.executable, "-c", PEFT_CHECK, str(tiny_adapter), str(tiny_base_model)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PEFT_CHECK, str(tiny_adapter), str(tiny_base_model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines and all(line == {"ids": True, "logits": True} for line in lines)
@@ -285,7 +369,8 @@ def canonical(value) -> bytes:
 
 
 def test_every_hash_in_the_manifest_is_what_it_covers(tiny_adapter, tiny_base_model, tiny_dataset):
-    """Recomputed here with hashlib from the files and values they cover (the probes' logits: test_infer replays them)."""
+    """Recomputed here with hashlib from the files and values they cover (the probes' logits: test_infer replays
+    them)."""
     manifest = json.loads((tiny_adapter / "manifest.json").read_text())
     for name, entry in manifest["files"].items():
         data = (tiny_adapter / name).read_bytes()
@@ -293,15 +378,22 @@ def test_every_hash_in_the_manifest_is_what_it_covers(tiny_adapter, tiny_base_mo
     assert manifest["inputs"]["dataset"]["sha256"] == hashlib.sha256(tiny_dataset.read_bytes()).hexdigest()
     files = manifest["inputs"]["base_model"]["files"]
     assert files == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tiny_base_model.iterdir())}
-    assert manifest["inputs"]["base_model"]["name"] == "local-model-sha256:" + hashlib.sha256(canonical(files)).hexdigest()[:16]
+    assert (
+        manifest["inputs"]["base_model"]["name"]
+        == "local-model-sha256:" + hashlib.sha256(canonical(files)).hexdigest()[:16]
+    )
     assert manifest["loss_trace_sha256"] == hashlib.sha256(canonical(manifest["loss_trace"])).hexdigest()
     assert len(manifest["loss_trace"]) == manifest["metrics"]["steps"]
 
 
-@pytest.mark.parametrize("field, message", [
-    ("loss_trace", "loss_trace_sha256 differs from the loss trace it states"),
-    ("base_model_name", "is not the hash of its files' hashes"),
-], ids=["loss_trace", "base_model_name"])
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("loss_trace", "loss_trace_sha256 differs from the loss trace it states"),
+        ("base_model_name", "is not the hash of its files' hashes"),
+    ],
+    ids=["loss_trace", "base_model_name"],
+)
 def test_verify_recomputes_the_hashes_the_manifest_states(tiny_adapter, tmp_path, field, message):
     folder = tmp_path / "copy"
     shutil.copytree(tiny_adapter, folder)
@@ -349,7 +441,9 @@ def bad_model(tmp_path: Path, kind: str, tiny_base_model: Path) -> Path:
         ("output-exists", "output folder already exists"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_leaves_nothing(case, message, tmp_path, tiny_config, tiny_base_model, tiny_dataset):
+def test_bad_input_is_one_clear_line_and_leaves_nothing(
+    case, message, tmp_path, tiny_config, tiny_base_model, tiny_dataset
+):
     out_parent = tmp_path / "outs"
     out_parent.mkdir()
     out = out_parent / "adapter"
@@ -387,9 +481,22 @@ def test_ctrl_c_leaves_no_output(tmp_path, tiny_base_model, tiny_dataset):
     config.write_text("[train]\nmax_steps = 100000\n[dataset]\nmax_seq_len = 64\n")
     out = tmp_path / "outs" / "adapter"
     process = subprocess.Popen(
-        [sys.executable, "-m", "reprolora", "train", "-c", str(config), "--base-model", str(tiny_base_model),
-         "--dataset", str(tiny_dataset), "-o", str(out)],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "reprolora",
+            "train",
+            "-c",
+            str(config),
+            "--base-model",
+            str(tiny_base_model),
+            "--dataset",
+            str(tiny_dataset),
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
         # As from a terminal: a shell that starts pytest in the background (no job control) leaves SIGINT
         # ignored, and an ignored signal stays ignored in the children, Python included.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

@@ -1,8 +1,8 @@
 """Benchmark: `reprolora infer`'s decoding against plain transformers + peft `generate`, the memory-bandwidth bound,
 and `serve` under load.
 
-Part 1, in this process: the adapter is loaded twice, once by reprolora.decoding.infer (hash checks, pins, PeftModel) and
-once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
+Part 1, in this process: the adapter is loaded twice, once by reprolora.decoding.infer (hash checks, pins, PeftModel)
+and once the plain way (AutoModelForCausalLM + PeftModel.from_pretrained, no checks); each answers the same prompt
 greedily, in `--repeats` back-to-back rounds (each path first in turn), as does reprolora's engine with its idle
 rows left empty (no guesses: one token a step). All run under the adapter's determinism pins, which this process
 applies before torch loads, so the comparison is between the decoding paths. Reported: tokens/s over a full answer
@@ -51,8 +51,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_tokens: int, repeats: int,
-                   serve_jobs: list[str], serve_max_tokens: int) -> dict[str, Any]:
+def bench_decoding(
+    adapter: Path,
+    base_dir: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    repeats: int,
+    serve_jobs: list[str],
+    serve_max_tokens: int,
+) -> dict[str, Any]:
     from reprolora.decoding import infer
 
     model = infer.load(adapter, base_dir)  # applies the adapter's pins: torch is imported after this line
@@ -66,14 +73,19 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
     plain = PeftModel.from_pretrained(plain_base, str(adapter)).eval()
 
     def plain_generate(n: int, text: str = prompt) -> list[int]:
-        inputs = plain_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)
+        inputs = plain_tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.inference_mode():
             # Only the ids and mask: older tokenizers also return token_type_ids, which generate refuses.
-            output = plain.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                    max_new_tokens=n, do_sample=False,
-                                    pad_token_id=plain_tokenizer.pad_token_id or plain_tokenizer.eos_token_id)
-        return output[0, inputs["input_ids"].shape[1]:].tolist()
+            output = plain.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=plain_tokenizer.pad_token_id or plain_tokenizer.eos_token_id,
+            )
+        return output[0, inputs["input_ids"].shape[1] :].tolist()
 
     from reprolora.decoding import generate
 
@@ -113,25 +125,37 @@ def bench_decoding(adapter: Path, base_dir: Path | None, prompt: str, max_new_to
     # Tokens per decoding step on the full answer (the first token comes from the prompt's own pass).
     engine.steps = engine.rows = engine.accepted = engine.guessed = 0
     ours(max_new_tokens)
-    guessing = {"steps": engine.steps, "tokens": engine.rows + engine.accepted, "guessed": engine.guessed,
-                "accepted": engine.accepted}
+    guessing = {
+        "steps": engine.steps,
+        "tokens": engine.rows + engine.accepted,
+        "guessed": engine.guessed,
+        "accepted": engine.accepted,
+    }
     eos = set(filter(None, [plain_tokenizer.eos_token_id]))
     plain_ids = [t for t in tokens["plain"] if t not in eos]  # generate keeps the end token, greedy leaves it out
     result: dict[str, Any] = {
-        "prompt_tokens": infer.prompt_tokens(model, prompt),
-        "same_tokens": plain_ids == tokens["reprolora"] == tokens["one_a_step"], "guessing": guessing,
-        "load_s": model.load_seconds, "threads": torch.get_num_threads(),
+        "prompt_tokens": len(generate.request_ids(model.tokenizer, prompt)),
+        "same_tokens": plain_ids == tokens["reprolora"] == tokens["one_a_step"],
+        "guessing": guessing,
+        "load_s": model.load_seconds,
+        "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     for name in times:
         per_token, first = times[name]["full"], times[name]["first"]
-        result[name] = {"tokens": len(tokens[name]), "tokens_per_s": 1 / median(per_token), "best_tokens_per_s": 1 / min(per_token),
-                        "first_token_s": median(first), "best_first_token_s": min(first),
-                        "all_s_per_token": per_token, "all_first_token_s": first}
+        result[name] = {
+            "tokens": len(tokens[name]),
+            "tokens_per_s": 1 / median(per_token),
+            "best_tokens_per_s": 1 / min(per_token),
+            "first_token_s": median(first),
+            "best_first_token_s": min(first),
+            "all_s_per_token": per_token,
+            "all_first_token_s": first,
+        }
     for kind in ("full", "first"):
-        pairs = zip(times["reprolora"][kind], times["plain"][kind])
+        pairs = zip(times["reprolora"][kind], times["plain"][kind], strict=True)
         result[f"speedup_{kind}"] = median([b / a for a, b in pairs])  # plain's time / reprolora's time
-        pairs = zip(times["reprolora"][kind], times["one_a_step"][kind])
+        pairs = zip(times["reprolora"][kind], times["one_a_step"][kind], strict=True)
         result[f"guess_speedup_{kind}"] = median([b / a for a, b in pairs])
     result["bound"] = bandwidth_bound(model.causal_lm)
     result["bound"]["reached"] = result["reprolora"]["tokens_per_s"] / result["bound"]["tokens_per_s"]
@@ -148,8 +172,13 @@ def plain_serially(plain_generate: Any, jobs: list[str], max_tokens: int) -> dic
         generated += len(plain_generate(max_tokens, prompt))
         latencies.append(time.perf_counter() - started)
     wall = time.perf_counter() - tick
-    return {"requests": len(jobs), "wall_s": wall, "requests_per_s": len(jobs) / wall, "tokens_per_s": generated / wall,
-            **percentiles(latencies)}
+    return {
+        "requests": len(jobs),
+        "wall_s": wall,
+        "requests_per_s": len(jobs) / wall,
+        "tokens_per_s": generated / wall,
+        **percentiles(latencies),
+    }
 
 
 def memory_bandwidth(megabytes: int = 1024, rounds: int = 5) -> float:
@@ -171,9 +200,17 @@ def bandwidth_bound(causal_lm: Any) -> dict[str, float]:
     embedding = causal_lm.get_input_embeddings().weight
     tied = embedding is causal_lm.get_output_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in causal_lm.parameters())
-    per_token = total if tied else total - embedding.numel() * embedding.element_size() + embedding[0].numel() * embedding.element_size()
+    per_token = (
+        total
+        if tied
+        else total - embedding.numel() * embedding.element_size() + embedding[0].numel() * embedding.element_size()
+    )
     bandwidth = memory_bandwidth()
-    return {"bandwidth_bytes_per_s": bandwidth, "weight_bytes_per_token": per_token, "tokens_per_s": bandwidth / per_token}
+    return {
+        "bandwidth_bytes_per_s": bandwidth,
+        "weight_bytes_per_token": per_token,
+        "tokens_per_s": bandwidth / per_token,
+    }
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -218,8 +255,12 @@ def load(port: int, jobs: list[str], clients: int, max_tokens: int) -> dict[str,
     def ask(prompt: str) -> tuple[str, int, dict[str, Any], float]:
         tick = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": max_tokens}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({"prompt": prompt, "max_tokens": max_tokens}),
+            {"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         body = json.loads(response.read())
         conn.close()
@@ -235,13 +276,21 @@ def load(port: int, jobs: list[str], clients: int, max_tokens: int) -> dict[str,
             choice = body["choices"][0]
             answers.setdefault(prompt, set()).add((tuple(choice["token_ids"]), choice["logits_sha256"]))
     generated = sum(len(body["choices"][0]["token_ids"]) for _, status, body, _ in results if status == 200)
-    return {"clients": clients, "requests": len(results), "errors": sum(1 for _, status, _, _ in results if status != 200),
-            "wall_s": wall, "requests_per_s": len(results) / wall, "tokens_per_s": generated / wall,
-            **percentiles([seconds for *_, seconds in results]), "answers": answers}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": sum(1 for _, status, _, _ in results if status != 200),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": generated / wall,
+        **percentiles([seconds for *_, seconds in results]),
+        "answers": answers,
+    }
 
 
-def bench_server(adapter: Path, base_dir: Path | None, jobs: list[str], expected: dict[str, list[int]],
-                 clients: int, max_tokens: int) -> dict[str, Any]:
+def bench_server(
+    adapter: Path, base_dir: Path | None, jobs: list[str], expected: dict[str, list[int]], clients: int, max_tokens: int
+) -> dict[str, Any]:
     proc, port = start_server(adapter, base_dir)
     try:
         load(port, jobs[:1], 1, max_tokens)  # warm-up
@@ -252,19 +301,29 @@ def bench_server(adapter: Path, base_dir: Path | None, jobs: list[str], expected
         code = proc.wait(timeout=120)
     # One answer per prompt, whether alone or among others, and its tokens the golden probe's (a prefix of it when
     # max_tokens is below the probes' length).
-    identical = all(len(together["answers"].get(p, ())) == 1 and together["answers"][p] == alone["answers"].get(p)
-                    for p in set(jobs))
-    match_probes = all(len(ids) == 1 and list(next(iter(ids))[0]) == expected[p][:max_tokens]
-                       for p, ids in alone["answers"].items())
+    identical = all(
+        len(together["answers"].get(p, ())) == 1 and together["answers"][p] == alone["answers"].get(p)
+        for p in set(jobs)
+    )
+    match_probes = all(
+        len(ids) == 1 and list(next(iter(ids))[0]) == expected[p][:max_tokens] for p, ids in alone["answers"].items()
+    )
     for run in (alone, together):
         del run["answers"]
-    return {"alone": alone, "together": together, "identical_to_alone": identical, "match_probes": match_probes,
-            "exit_code": code}
+    return {
+        "alone": alone,
+        "together": together,
+        "identical_to_alone": identical,
+        "match_probes": match_probes,
+        "exit_code": code,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", nargs="?", default=DEFAULT_ADAPTER, help=f"adapter folder (default: {DEFAULT_ADAPTER})")
+    parser.add_argument(
+        "adapter", nargs="?", default=DEFAULT_ADAPTER, help=f"adapter folder (default: {DEFAULT_ADAPTER})"
+    )
     parser.add_argument("--base-model", help="base model folder (default: the built-in default model)")
     parser.add_argument("--prompt", help="prompt to decode (default: the manifest's first probe)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -272,8 +331,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client (default: 4)")
     parser.add_argument("--server-max-tokens", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="a short run (for the tests): 1 pair, 8 new tokens, "
-                                                             "1 request per client")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run (for the tests): 1 pair, 8 new tokens, 1 request per client"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.max_new_tokens, args.requests, args.server_max_tokens = 1, 8, 1, 8
@@ -285,37 +345,63 @@ def main() -> None:
 
     d = bench_decoding(adapter, base_dir, prompt, args.max_new_tokens, args.repeats, jobs, args.server_max_tokens)
     ours, plain, bound = d["reprolora"], d["plain"], d["bound"]
-    print(f"machine: {os.cpu_count()} CPUs, torch threads {d['threads']}, cpu capability {d['cpu_capability']}; "
-          f"prompt {prompt!r} ({d['prompt_tokens']} tokens), up to {args.max_new_tokens} new tokens, "
-          f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; reprolora load (hash checks included) {d['load_s']:.1f} s")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch threads {d['threads']}, cpu capability {d['cpu_capability']}; "
+        f"prompt {prompt!r} ({d['prompt_tokens']} tokens), up to {args.max_new_tokens} new tokens, "
+        f"{args.repeats} pairs of runs, {args.repeats * FIRST_TOKEN_RUNS} of first tokens; "
+        f"reprolora load (hash checks included) {d['load_s']:.1f} s"
+    )
     print(f"{'path':<28} {'tokens':>6} {'tokens/s':>9} {'first token s':>14}   (median; best)")
-    for label, r in (("reprolora infer (greedy)", ours), ("reprolora, no guesses", d["one_a_step"]),
-                     ("transformers+peft generate", plain)):
-        print(f"{label:<28} {r['tokens']:6d} {r['tokens_per_s']:9.2f} {r['first_token_s']:14.3f}   "
-              f"({r['best_tokens_per_s']:.2f} tokens/s; {r['best_first_token_s']:.3f} s)")
-    print(f"speed-up over plain generate, median of paired runs (target >= 2): per token {d['speedup_full']:.2f}x, "
-          f"first token {d['speedup_first']:.2f}x; same tokens: {'yes' if d['same_tokens'] else 'NO'}")
+    for label, r in (
+        ("reprolora infer (greedy)", ours),
+        ("reprolora, no guesses", d["one_a_step"]),
+        ("transformers+peft generate", plain),
+    ):
+        print(
+            f"{label:<28} {r['tokens']:6d} {r['tokens_per_s']:9.2f} {r['first_token_s']:14.3f}   "
+            f"({r['best_tokens_per_s']:.2f} tokens/s; {r['best_first_token_s']:.3f} s)"
+        )
+    print(
+        f"speed-up over plain generate, median of paired runs (target >= 2): per token {d['speedup_full']:.2f}x, "
+        f"first token {d['speedup_first']:.2f}x; same tokens: {'yes' if d['same_tokens'] else 'NO'}"
+    )
     g = d["guessing"]
-    print(f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps ({g['tokens'] / max(1, g['steps']):.2f} a step), "
-          f"{g['accepted']} of {g['guessed']} guesses right; speed-up over the same engine without guesses "
-          f"{d['guess_speedup_full']:.2f}x per token")
-    print(f"memory bandwidth {bound['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum of a 1 GiB tensor, best of 5); "
-          f"{bound['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token: bound {bound['tokens_per_s']:.1f} "
-          f"tokens/s for one request; reprolora reaches {100 * bound['reached']:.0f}%")
+    print(
+        f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps "
+        f"({g['tokens'] / max(1, g['steps']):.2f} a step), "
+        f"{g['accepted']} of {g['guessed']} guesses right; speed-up over the same engine without guesses "
+        f"{d['guess_speedup_full']:.2f}x per token"
+    )
+    print(
+        f"memory bandwidth {bound['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (sum of a 1 GiB tensor, best of 5); "
+        f"{bound['weight_bytes_per_token'] / 1e6:.1f} MB of weights read per token: bound {bound['tokens_per_s']:.1f} "
+        f"tokens/s for one request; reprolora reaches {100 * bound['reached']:.0f}%"
+    )
 
-    s = bench_server(adapter, base_dir, jobs, {p.prompt: p.token_ids for p in probes}, args.clients, args.server_max_tokens)
-    rows = [(f"serve, {args.clients} clients", s["together"]), ("serve, 1 client", s["alone"]),
-            ("plain generate, serially", d["plain_serial"])]
+    s = bench_server(
+        adapter, base_dir, jobs, {p.prompt: p.token_ids for p in probes}, args.clients, args.server_max_tokens
+    )
+    rows = [
+        (f"serve, {args.clients} clients", s["together"]),
+        ("serve, 1 client", s["alone"]),
+        ("plain generate, serially", d["plain_serial"]),
+    ]
     print(f"serve: {len(jobs)} requests, max_tokens {args.server_max_tokens}")
     print(f"{'run':<26} {'requests/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7}")
     for label, r in rows:
-        print(f"{label:<26} {r['requests_per_s']:10.2f} {r['tokens_per_s']:9.1f} {r['latency_p50_s']:7.2f} {r['latency_p99_s']:7.2f}")
+        print(
+            f"{label:<26} {r['requests_per_s']:10.2f} {r['tokens_per_s']:9.1f} "
+            f"{r['latency_p50_s']:7.2f} {r['latency_p99_s']:7.2f}"
+        )
     together = s["together"]["requests_per_s"]
-    print(f"serve: {args.clients} clients / 1 client {together / s['alone']['requests_per_s']:.2f}x, / plain generate "
-          f"serially {together / d['plain_serial']['requests_per_s']:.2f}x, / the 0.74 requests/s before batching "
-          f"{together / 0.74:.2f}x; errors {s['together']['errors'] + s['alone']['errors']}; answers identical to alone: "
-          f"{'yes' if s['identical_to_alone'] else 'NO'}; equal to the golden probes: {'yes' if s['match_probes'] else 'NO'}; "
-          f"exit code after SIGTERM {s['exit_code']}")
+    print(
+        f"serve: {args.clients} clients / 1 client {together / s['alone']['requests_per_s']:.2f}x, / plain generate "
+        f"serially {together / d['plain_serial']['requests_per_s']:.2f}x, / the 0.74 requests/s before batching "
+        f"{together / 0.74:.2f}x; errors {s['together']['errors'] + s['alone']['errors']}; answers identical to alone: "
+        f"{'yes' if s['identical_to_alone'] else 'NO'}; "
+        f"equal to the golden probes: {'yes' if s['match_probes'] else 'NO'}; "
+        f"exit code after SIGTERM {s['exit_code']}"
+    )
     print(json.dumps({"decoding": d, "serve": s}, sort_keys=True))
 
 

@@ -50,7 +50,9 @@ def main() -> None:
     times: dict[str, list[float]] = {profile: [] for profile in PROFILES}
     for _ in range(args.rounds):
         for profile in PROFILES:
-            out = subprocess.run([sys.executable, "-c", CHILD, profile, args.base_model], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, profile, args.base_model], capture_output=True, text=True
+            )
             if out.returncode != 0:
                 sys.exit(f"bench_profiles: {profile} failed:\n{out.stderr[-3000:]}")
             times[profile].append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 MEASURE = r"""
 import json, resource, subprocess, sys
 code = subprocess.run(sys.argv[1:]).returncode
-print(json.dumps({"rc": code, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}), file=sys.stderr)
+peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"rc": code, "peak_rss_mb": peak_rss_mb}), file=sys.stderr)
 """
 
 # SmolLM2-360M's shape (its config.json), with random weights: the benchmark needs its size, not its knowledge.
@@ -51,9 +52,9 @@ folder.mkdir(parents=True)
 for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     if (tokenizer_from / name).exists():
         shutil.copy(tokenizer_from / name, folder / name)
-config = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                     num_key_value_heads=5, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=2)
+config = LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                     num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 torch.manual_seed(0)
 model = LlamaForCausalLM(config)
 model.save_pretrained(folder, safe_serialization=True)
@@ -71,13 +72,22 @@ def train(name: str, launcher: list[str], config: Path, out: Path, base: Path) -
     measured = json.loads(result.stderr.strip().splitlines()[-1])
     found = RESULT_LINE.search(result.stdout)
     if measured["rc"] != 0 or not found:
-        sys.exit(f"benchmark row {name} failed (exit {measured['rc']}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        sys.exit(
+            f"benchmark row {name} failed (exit {measured['rc']}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
     manifest = json.loads((out / "manifest.json").read_text())
     steps, tokens_per_s = int(found.group(1)), float(found.group(2))
     train_tokens = manifest["metrics"]["train_tokens"]
-    return {"name": name, "steps": steps, "tokens_per_s": tokens_per_s, "train_tokens": train_tokens,
-            "step_s": train_tokens / tokens_per_s / steps, "wall_s": wall, "peak_rss_mb": measured["peak_rss_mb"],
-            "adapter_sha256": hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()}
+    return {
+        "name": name,
+        "steps": steps,
+        "tokens_per_s": tokens_per_s,
+        "train_tokens": train_tokens,
+        "step_s": train_tokens / tokens_per_s / steps,
+        "wall_s": wall,
+        "peak_rss_mb": measured["peak_rss_mb"],
+        "adapter_sha256": hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest(),
+    }
 
 
 def write_config(path: Path, threads: int, steps: int = 0) -> Path:
@@ -86,30 +96,44 @@ def write_config(path: Path, threads: int, steps: int = 0) -> Path:
     return path
 
 
-HEADER = f"{'run':<6} {'steps':>5} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'wall s':>8} {'step time ratio':>16}"
+HEADER = (
+    f"{'run':<6} {'steps':>5} {'step s':>8} {'tokens/s':>9} {'peak RSS MB':>12} {'wall s':>8} {'step time ratio':>16}"
+)
 
 
 def print_row(r: dict, reference: dict) -> None:
     """One row as soon as it is measured (a shared machine can be slow: what was measured is not lost)."""
-    print(f"{r['name']:<6} {r['steps']:5d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} "
-          f"{r['wall_s']:8.1f} {r['step_s'] / reference['step_s']:16.2f}", flush=True)
+    print(
+        f"{r['name']:<6} {r['steps']:5d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f} "
+        f"{r['wall_s']:8.1f} {r['step_s'] / reference['step_s']:16.2f}",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="training steps of the tiny, 135M and 360M rows")
-    parser.add_argument("--rows", default="tiny,135M,360M,ws", help="which rows, of tiny, 135M, 360M, ws (default: all)")
+    parser.add_argument(
+        "--rows", default="tiny,135M,360M,ws", help="which rows, of tiny, 135M, 360M, ws (default: all)"
+    )
     parser.add_argument("--base-model", default="", help="default: the built-in model, prepared into the cache")
     args = parser.parse_args()
     rows = args.rows.split(",")
-    base = Path(args.base_model or subprocess.run([sys.executable, "-m", "reprolora", "base-model", "prepare"],
-                                                  capture_output=True, text=True, check=True).stdout.strip())
+    base = Path(
+        args.base_model
+        or subprocess.run(
+            [sys.executable, "-m", "reprolora", "base-model", "prepare"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     reprolora = [sys.executable, "-m", "reprolora"]
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         cut = write_config(scratch / "cut.toml", threads=2, steps=args.steps)
         if {"tiny", "135M", "360M"} & set(rows):
-            print(f"Model size: the default job cut to {args.steps} steps, 2 threads; step time ratio against the first row")
+            print(
+                f"Model size: the default job cut to {args.steps} steps, 2 threads; "
+                "step time ratio against the first row"
+            )
             print(HEADER, flush=True)
         reference = None
         for name in ("tiny", "135M", "360M"):
@@ -124,7 +148,9 @@ def main() -> None:
                 model = base
             else:
                 model = scratch / "360m"
-                built = subprocess.run([sys.executable, "-c", BUILD_360M, str(base), str(model)], capture_output=True, text=True)
+                built = subprocess.run(
+                    [sys.executable, "-c", BUILD_360M, str(base), str(model)], capture_output=True, text=True
+                )
                 if built.returncode != 0:
                     sys.exit(f"building the 360M model failed:\n{built.stderr[-3000:]}")
             row = train(name, reprolora, cut, scratch / f"out-{name}", model)
@@ -134,19 +160,32 @@ def main() -> None:
         if "ws" not in rows:
             return
         if importlib.util.find_spec("reprolora.training.distributed") is None:
-            print("\nWorld size 1 against 2: left out, this reprolora has no data parallelism (reprolora.training.distributed)")
+            print(
+                "\nWorld size 1 against 2: left out, this reprolora has no data parallelism "
+                "(reprolora.training.distributed)"
+            )
             return
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "reprolora"]
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "reprolora",
+        ]
         print("\nThe whole default job: world size 1 x 2 threads against world size 2 x 1 thread (torchrun)")
         print(HEADER, flush=True)
         ws1 = train("ws1", reprolora, write_config(scratch / "ws1.toml", threads=2), scratch / "out-ws1", base)
         print_row(ws1, ws1)
         ws2 = train("ws2", torchrun, write_config(scratch / "ws2.toml", threads=1), scratch / "out-ws2", base)
         print_row(ws2, ws1)
-        print(f"ws2/ws1: step time {ws2['step_s'] / ws1['step_s']:.2f}, wall {ws2['wall_s'] / ws1['wall_s']:.2f}, "
-              f"peak RSS per process {ws2['peak_rss_mb'] / ws1['peak_rss_mb']:.2f}; adapter bytes "
-              f"{'identical' if ws1['adapter_sha256'] == ws2['adapter_sha256'] else 'differ'}")
+        print(
+            f"ws2/ws1: step time {ws2['step_s'] / ws1['step_s']:.2f}, wall {ws2['wall_s'] / ws1['wall_s']:.2f}, "
+            f"peak RSS per process {ws2['peak_rss_mb'] / ws1['peak_rss_mb']:.2f}; adapter bytes "
+            f"{'identical' if ws1['adapter_sha256'] == ws2['adapter_sha256'] else 'differ'}"
+        )
 
 
 if __name__ == "__main__":

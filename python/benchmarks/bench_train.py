@@ -1,6 +1,7 @@
 """Benchmark: the default job with reprolora under each profile against the HF Trainer + peft doing the same job.
 
-    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--profiles native,...] [--base-model DIR] [--quick]
+    python python/benchmarks/bench_train.py [--repeats 1] [--threads 2] [--profiles native,...]
+                                            [--base-model DIR] [--quick]
 
 Same base model, same tokenized examples, same number of steps, batch size, learning rate and schedule; the
 Trainer runs with its defaults (no determinism pins, padded batches of 4). Every run is a fresh process; the
@@ -46,8 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprolora.core.pins import PROFILES
 
@@ -63,9 +65,13 @@ def job_config(base: str, profile: str, threads: int, max_steps: int) -> Any:
     from reprolora.core import config as config_module
 
     config = config_module.load(None)
-    return dataclasses.replace(config, profile=profile, threads=threads,
-                               base_model=dataclasses.replace(config.base_model, path=base),
-                               train=dataclasses.replace(config.train, max_steps=max_steps))
+    return dataclasses.replace(
+        config,
+        profile=profile,
+        threads=threads,
+        base_model=dataclasses.replace(config.base_model, path=base),
+        train=dataclasses.replace(config.train, max_steps=max_steps),
+    )
 
 
 def peak_rss_mb() -> float:
@@ -80,11 +86,17 @@ def child_reprolora(args: dict[str, Any]) -> dict[str, Any]:
     pins.apply(args["profile"], args["threads"])
     from reprolora.training import train
 
-    result = train.run(job_config(args["base"], args["profile"], args["threads"], args["max_steps"]), Path(args["out"]),
-                       progress=False)
+    result = train.run(
+        job_config(args["base"], args["profile"], args["threads"], args["max_steps"]), Path(args["out"]), progress=False
+    )
     tokens = result.metrics["train_tokens"]
-    return {"wall_s": time.perf_counter() - start, "train_s": tokens / result.tokens_per_second, "train_tokens": tokens,
-            "steps": result.metrics["steps"], "peak_rss_mb": peak_rss_mb()}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "train_s": tokens / result.tokens_per_second,
+        "train_tokens": tokens,
+        "steps": result.metrics["steps"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def child_trainer(args: dict[str, Any]) -> dict[str, Any]:
@@ -111,9 +123,16 @@ def child_trainer(args: dict[str, Any]) -> dict[str, Any]:
     for i in train_idx:
         enc = dataset.tokenize(tokenizer, data.conversations[i], config.dataset.max_seq_len, str(i))
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels, "attention_mask": [1] * len(enc.input_ids)})
-    model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
-                                             lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     steps = -(-len(examples) // (t.batch_size * t.grad_accum)) * t.epochs
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     tokens = 0
@@ -124,18 +143,35 @@ def child_trainer(args: dict[str, Any]) -> dict[str, Any]:
         return collator(features)
 
     training = TrainingArguments(
-        output_dir=args["out"], per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        num_train_epochs=t.epochs, max_steps=args["max_steps"] or -1, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_schedule, warmup_steps=max(1, round(t.warmup_ratio * steps)),
-        max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=config.seed, disable_tqdm=True)
+        output_dir=args["out"],
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=args["max_steps"] or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_schedule,
+        warmup_steps=max(1, round(t.warmup_ratio * steps)),
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=config.seed,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=training, train_dataset=examples, data_collator=counting_collator)
     tick = time.perf_counter()
     output = trainer.train()
     train_s = time.perf_counter() - tick
     model.save_pretrained(args["out"])
-    return {"wall_s": time.perf_counter() - start, "train_s": train_s, "train_tokens": tokens,
-            "steps": output.global_step, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "train_s": train_s,
+        "train_tokens": tokens,
+        "steps": output.global_step,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def example_products(model: Any, config: Any, tokens: int, labelled: int) -> list[tuple[str, Callable, float, int]]:
@@ -179,8 +215,10 @@ def example_products(model: Any, config: Any, tokens: int, labelled: int) -> lis
     products = []
     for (fan_in, fan_out, trainable), count in sorted(shapes.items()):
         products += [(kind, fn, flops, count) for kind, fn, flops in linear(tokens, fan_in, fan_out, trainable)]
-    products += [(f"output projection {kind}", fn, flops, 1)
-                 for kind, fn, flops in linear(labelled, lm_head.in_features, lm_head.out_features, False)]
+    products += [
+        (f"output projection {kind}", fn, flops, 1)
+        for kind, fn, flops in linear(labelled, lm_head.in_features, lm_head.out_features, False)
+    ]
     heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or head_dim
     flops = 2.0 * heads * tokens * tokens * head_dim
@@ -192,11 +230,18 @@ def example_products(model: Any, config: Any, tokens: int, labelled: int) -> lis
             a = a.transpose(1, 2) if transpose_a else a
             b = b.transpose(1, 2) if transpose_b else b
             return lambda: a @ b
+
         return make
 
     # forward Q K^T and P V; backward dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q
-    for shape in ((False, True, False), (False, False, True), (False, True, False), (True, False, True),
-                  (False, False, True), (True, False, True)):
+    for shape in (
+        (False, True, False),
+        (False, False, True),
+        (False, True, False),
+        (True, False, True),
+        (False, False, True),
+        (True, False, True),
+    ):
         products.append(("attention", attention(*shape), flops, config.num_hidden_layers))
     return products
 
@@ -233,8 +278,10 @@ def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
 
         # The ceiling: the same products for a sample of the examples spread over their lengths.
         ordered = sorted(sizes)
-        sample = [ordered[round(j * (len(ordered) - 1) / max(1, CEILING_SAMPLE - 1))]
-                  for j in range(min(CEILING_SAMPLE, len(ordered)))]
+        sample = [
+            ordered[round(j * (len(ordered) - 1) / max(1, CEILING_SAMPLE - 1))]
+            for j in range(min(CEILING_SAMPLE, len(ordered)))
+        ]
         ceiling_flops = ceiling_seconds = 0.0
         for tokens, labelled in sample:
             for _, make, product_flops, count in example_products(model, config, tokens, labelled):
@@ -254,17 +301,25 @@ def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total_us = sum(e.self_cpu_time_total for e in events)
     ops = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events), key=lambda e: -e[1])
-    return {"flops": flops, "ceiling_gflops": ceiling_flops / ceiling_seconds / 1e9, "ceiling_sample": len(sample),
-            "profile_steps": steps, "profile_total_s": total_us / 1e6,
-            "profile": [{"op": name, "self_s": us / 1e6, "share": us / total_us, "calls": calls}
-                        for name, us, calls in ops]}
+    return {
+        "flops": flops,
+        "ceiling_gflops": ceiling_flops / ceiling_seconds / 1e9,
+        "ceiling_sample": len(sample),
+        "profile_steps": steps,
+        "profile_total_s": total_us / 1e6,
+        "profile": [
+            {"op": name, "self_s": us / 1e6, "share": us / total_us, "calls": calls} for name, us, calls in ops
+        ],
+    }
 
 
 CHILDREN = {"reprolora": child_reprolora, "trainer": child_trainer, "analysis": child_analysis}
 
 
 def run_child(kind: str, **args: Any) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"bench_train: the {kind} run {args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -273,8 +328,10 @@ def run_child(kind: str, **args: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-COLUMNS = (f"{'run':<14} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% ceiling':>10} "
-           f"{'peak RSS MB':>12} {'steps':>6} {'x Trainer':>10} {'x native':>9}")
+COLUMNS = (
+    f"{'run':<14} {'wall s':>8} {'train s':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% ceiling':>10} "
+    f"{'peak RSS MB':>12} {'steps':>6} {'x Trainer':>10} {'x native':>9}"
+)
 
 
 def row_line(name: str, r: dict, flops: float, ceiling: float, trainer: dict | None, native: dict | None) -> str:
@@ -283,22 +340,32 @@ def row_line(name: str, r: dict, flops: float, ceiling: float, trainer: dict | N
     def ratio(other: dict | None) -> str:
         return f"{r['train_s'] / other['train_s']:.2f}" if other else "-"
 
-    return (f"{name:<14} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} "
-            f"{gflops:8.1f} {gflops / ceiling:10.1%} {r['peak_rss_mb']:12.0f} {r['steps']:6d} "
-            f"{ratio(trainer):>10} {ratio(native):>9}")
+    return (
+        f"{name:<14} {r['wall_s']:8.1f} {r['train_s']:8.1f} {r['train_tokens'] / r['train_s']:9.0f} "
+        f"{gflops:8.1f} {gflops / ceiling:10.1%} {r['peak_rss_mb']:12.0f} {r['steps']:6d} "
+        f"{ratio(trainer):>10} {ratio(native):>9}"
+    )
 
 
 def print_analysis(analysis: dict[str, Any]) -> None:
     """The job's FLOPs, the ceiling and the profile: printed before the long runs start."""
     flops = sum(analysis["flops"].values())
-    print(f"model FLOPs of the job: {flops / 1e12:.3f} TFLOP ("
-          + ", ".join(f"{kind} {value / flops:.1%}" for kind, value in sorted(analysis["flops"].items(),
-                                                                              key=lambda kv: -kv[1])) + ")")
-    print(f"fp32 matmul ceiling at the job's shapes (native pins, {analysis['ceiling_sample']} examples' products, "
-          f"best of {CEILING_RUNS}): {analysis['ceiling_gflops']:.1f} GFLOP/s")
+    print(
+        f"model FLOPs of the job: {flops / 1e12:.3f} TFLOP ("
+        + ", ".join(
+            f"{kind} {value / flops:.1%}" for kind, value in sorted(analysis["flops"].items(), key=lambda kv: -kv[1])
+        )
+        + ")"
+    )
+    print(
+        f"fp32 matmul ceiling at the job's shapes (native pins, {analysis['ceiling_sample']} examples' products, "
+        f"best of {CEILING_RUNS}): {analysis['ceiling_gflops']:.1f} GFLOP/s"
+    )
     print()
-    print(f"where native's time goes: torch.profiler, {analysis['profile_steps']} training steps, "
-          f"{analysis['profile_total_s']:.2f} s of self CPU time; top ops by self CPU time")
+    print(
+        f"where native's time goes: torch.profiler, {analysis['profile_steps']} training steps, "
+        f"{analysis['profile_total_s']:.2f} s of self CPU time; top ops by self CPU time"
+    )
     print(f"{'op':<52} {'self s':>8} {'share':>7} {'calls':>7}")
     for op in analysis["profile"][:15]:
         print(f"{op['op'][:52]:<52} {op['self_s']:8.3f} {op['share']:7.1%} {op['calls']:7d}")
@@ -315,9 +382,11 @@ def print_rows(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
         print(row_line(name, r, flops, ceiling, best.get("trainer"), best.get("native")))
     print()
     if "trainer" in best and "native" in best:
-        print(f"native / Trainer training time {best['native']['train_s'] / best['trainer']['train_s']:.2f} "
-              f"(target <= 0.6); native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling "
-              f"(target >= 60%)")
+        print(
+            f"native / Trainer training time {best['native']['train_s'] / best['trainer']['train_s']:.2f} "
+            f"(target <= 0.6); native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling "
+            f"(target >= 60%)"
+        )
 
 
 def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
@@ -327,8 +396,9 @@ def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
         return str(tiny.make_model(scratch / "tiny-model"))
     if args.base_model:
         return args.base_model
-    return subprocess.run([sys.executable, "-m", "reprolora", "base-model", "prepare"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-m", "reprolora", "base-model", "prepare"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def main() -> None:
@@ -362,8 +432,18 @@ def main() -> None:
                     r = run_child("reprolora", **common, profile=name, out=str(scratch / f"{name}{repeat}"))
                 rows[name].append(r)
                 # A long run on a shared machine may be cut short: what has ended is already printed.
-                print(row_line(name, r, flops, analysis["ceiling_gflops"], (rows["trainer"] or [None])[-1],
-                               (rows.get("native") or [None])[-1]), file=sys.stderr, flush=True)
+                print(
+                    row_line(
+                        name,
+                        r,
+                        flops,
+                        analysis["ceiling_gflops"],
+                        (rows["trainer"] or [None])[-1],
+                        (rows.get("native") or [None])[-1],
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     print_rows(rows, analysis)
 
 

@@ -57,7 +57,8 @@ for tokens in (40, 100, 157, 600):
         x, w, dy = rand(tokens, k), rand(k, n) * np.float32(0.05), rand(tokens, n)
         # forward x.w, the input gradient dy.w^T and the weight gradient x^T.dy (a reduction over the tokens)
         for name, a, b in (("fwd", x, w), ("dx", dy, np.ascontiguousarray(w.T)), ("dw", np.ascontiguousarray(x.T), dy)):
-            results[f"T={tokens} [{k}x{n}] {name}"] = hashlib.sha256(np.ascontiguousarray(matmul(a, b)).tobytes()).hexdigest()
+            product = np.ascontiguousarray(matmul(a, b))
+            results[f"T={tokens} [{k}x{n}] {name}"] = hashlib.sha256(product.tobytes()).hexdigest()
 print(json.dumps(results))
 """
 
@@ -97,26 +98,39 @@ def record() -> dict:
     paths = {}
     for name, (library, env) in PATHS.items():
         for threads in (1, 2):
-            environment = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                           "OPENBLAS_NUM_THREADS": str(threads)}
-            out = subprocess.run([sys.executable, "-c", CHILD, library, str(threads)], env=environment,
-                                 capture_output=True, text=True)
+            environment = {
+                **os.environ,
+                **env,
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "OPENBLAS_NUM_THREADS": str(threads),
+            }
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, library, str(threads)], env=environment, capture_output=True, text=True
+            )
             if out.returncode != 0:
                 sys.exit(f"blas_vendor_hashes: {name} at {threads} threads failed:\n{out.stderr[-3000:]}")
             paths[f"{name}/{threads}t"] = json.loads(out.stdout)
     for profile in MODEL_PROFILES:
         for threads in (1, 2):
-            out = subprocess.run([sys.executable, "-c", MODEL_CHILD, profile, str(threads)], capture_output=True,
-                                 text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", MODEL_CHILD, profile, str(threads)], capture_output=True, text=True
+            )
             if out.returncode != 0:
-                sys.exit(f"blas_vendor_hashes: the model under {profile} at {threads} threads failed:\n"
-                         f"{out.stderr[-3000:]}")
+                sys.exit(
+                    f"blas_vendor_hashes: the model under {profile} at {threads} threads failed:\n{out.stderr[-3000:]}"
+                )
             paths[f"model/{profile}/{threads}t"] = json.loads(out.stdout.strip().splitlines()[-1])
     import numpy
     import torch
 
-    return {"cpu": cpu_model(), "machine": platform.machine(), "numpy": numpy.__version__, "torch": torch.__version__,
-            "paths": paths}
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "numpy": numpy.__version__,
+        "torch": torch.__version__,
+        "paths": paths,
+    }
 
 
 def main() -> None:

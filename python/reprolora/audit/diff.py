@@ -25,17 +25,30 @@ from reprolora.core.errors import ReproloraError
 
 # safetensors dtype -> (numpy dtype of the stored bits, float dtype to compare values in, or None for integers)
 _DTYPES: dict[str, tuple[str, str | None]] = {
-    "F64": ("<u8", "<f8"), "F32": ("<u4", "<f4"), "F16": ("<u2", "<f2"), "BF16": ("<u2", None),
-    "I64": ("<i8", None), "I32": ("<i4", None), "I16": ("<i2", None), "I8": ("i1", None), "U8": ("u1", None),
+    "F64": ("<u8", "<f8"),
+    "F32": ("<u4", "<f4"),
+    "F16": ("<u2", "<f2"),
+    "BF16": ("<u2", None),
+    "I64": ("<i8", None),
+    "I32": ("<i4", None),
+    "I16": ("<i2", None),
+    "I8": ("i1", None),
+    "U8": ("u1", None),
     "BOOL": ("u1", None),
 }
 _FLOATS = ("F64", "F32", "F16", "BF16")
 # Config keys that are the job's pins rather than its recipe; they are reported under "pins".
 _PIN_CONFIG_KEYS = ("profile", "threads")
 # Friendlier names for the config keys a verdict most often names.
-_CAUSE_NAMES = {"seed": "another seed", "train.learning_rate": "another learning rate", "train.epochs": "another epoch count",
-                "train.max_steps": "another step count", "train.batch_size": "another batch size",
-                "lora.r": "another LoRA rank", "lora.target_modules": "other LoRA target modules"}
+_CAUSE_NAMES = {
+    "seed": "another seed",
+    "train.learning_rate": "another learning rate",
+    "train.epochs": "another epoch count",
+    "train.max_steps": "another step count",
+    "train.batch_size": "another batch size",
+    "lora.r": "another LoRA rank",
+    "lora.target_modules": "other LoRA target modules",
+}
 GROUPS = ("inputs", "config", "toolchain", "pins", "metrics")
 
 
@@ -86,6 +99,7 @@ class Diff:
 
 # ---- tensors ----------------------------------------------------------------------------------------------------
 
+
 def read_safetensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
     """name -> (dtype, shape, raw little-endian bytes), from the file's own header."""
     data = path.read_bytes()
@@ -118,7 +132,9 @@ def _values(dtype: str, bits: np.ndarray) -> np.ndarray:
     return bits.view(_DTYPES[dtype][1]).astype(np.float64)
 
 
-def compare_tensor(file: str, name: str, a: tuple[str, list[int], bytes], b: tuple[str, list[int], bytes]) -> TensorDiff:
+def compare_tensor(
+    file: str, name: str, a: tuple[str, list[int], bytes], b: tuple[str, list[int], bytes]
+) -> TensorDiff:
     (dtype_a, shape_a, raw_a), (dtype_b, shape_b, raw_b) = a, b
     if dtype_a != dtype_b:
         return TensorDiff(file, name, "dtype", shape_a, dtype_a, detail=f"dtype {dtype_a} -> {dtype_b}")
@@ -128,7 +144,9 @@ def compare_tensor(file: str, name: str, a: tuple[str, list[int], bytes], b: tup
     if raw_a == raw_b:
         return TensorDiff(file, name, "identical", shape_a, dtype_a, elements)
     if dtype_a not in _DTYPES:
-        return TensorDiff(file, name, "differs", shape_a, dtype_a, elements, detail=f"bytes differ (dtype {dtype_a} not compared)")
+        return TensorDiff(
+            file, name, "differs", shape_a, dtype_a, elements, detail=f"bytes differ (dtype {dtype_a} not compared)"
+        )
     storage = _DTYPES[dtype_a][0]
     bits_a, bits_b = np.frombuffer(raw_a, dtype=storage), np.frombuffer(raw_b, dtype=storage)
     mask = bits_a != bits_b
@@ -143,7 +161,13 @@ def compare_tensor(file: str, name: str, a: tuple[str, list[int], bytes], b: tup
     width = np.dtype(storage).itemsize * 8
     ulps = np.abs(_ordered(bits_a[mask], width) - _ordered(bits_b[mask], width))
     return TensorDiff(
-        file, name, "differs", shape_a, dtype_a, elements, differing,
+        file,
+        name,
+        "differs",
+        shape_a,
+        dtype_a,
+        elements,
+        differing,
         max_abs=float(delta.max()) if delta.size else None,
         max_rel=float(np.divide(delta, scale, out=np.zeros_like(delta), where=scale > 0).max()) if delta.size else None,
         max_ulp=int(ulps.max()),
@@ -171,6 +195,7 @@ def compare_tensors(file: str, a: Path, b: Path) -> list[TensorDiff]:
 
 # ---- manifests --------------------------------------------------------------------------------------------------
 
+
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts as {"a.b.c": leaf}; lists stay whole (a list is one value: an order, a trace, a set of names)."""
     if isinstance(value, dict) and value:
@@ -184,8 +209,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def _changes(group: str, a: dict[str, Any], b: dict[str, Any]) -> list[Change]:
     fa, fb = flatten(a), flatten(b)
     missing = object()
-    return [Change(group, key, fa.get(key), fb.get(key)) for key in sorted(set(fa) | set(fb))
-            if fa.get(key, missing) != fb.get(key, missing)]
+    return [
+        Change(group, key, fa.get(key), fb.get(key))
+        for key in sorted(set(fa) | set(fb))
+        if fa.get(key, missing) != fb.get(key, missing)
+    ]
 
 
 def manifest_changes(ma: manifest.Manifest, mb: manifest.Manifest) -> list[Change]:
@@ -196,14 +224,18 @@ def manifest_changes(ma: manifest.Manifest, mb: manifest.Manifest) -> list[Chang
     inputs_b = {"base_model": mb.inputs.base_model.to_dict(), "dataset": mb.inputs.dataset.to_dict()}
     metrics_a = {**ma.metrics, "loss_trace_sha256": ma.loss_trace_sha256}
     metrics_b = {**mb.metrics, "loss_trace_sha256": mb.loss_trace_sha256}
-    return (_changes("inputs", inputs_a, inputs_b) + _changes("config", config_a, config_b)
-            + _changes("toolchain", ma.toolchain, mb.toolchain) + _changes("pins", ma.pins.to_dict(), mb.pins.to_dict())
-            + _changes("metrics", metrics_a, metrics_b))
+    return (
+        _changes("inputs", inputs_a, inputs_b)
+        + _changes("config", config_a, config_b)
+        + _changes("toolchain", ma.toolchain, mb.toolchain)
+        + _changes("pins", ma.pins.to_dict(), mb.pins.to_dict())
+        + _changes("metrics", metrics_a, metrics_b)
+    )
 
 
 def loss_divergence(a: list[float], b: list[float]) -> dict[str, Any] | None:
     """The first optimizer step whose training loss differs (bit for bit), or None when the traces are equal."""
-    for step, (x, y) in enumerate(zip(a, b)):
+    for step, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return {"step": step, "a": x, "b": y}
     if len(a) != len(b):
@@ -222,18 +254,35 @@ def probe_differences(ma: manifest.Manifest, mb: manifest.Manifest) -> list[dict
             out.append({"probe": number, "prompt": pa.prompt, "index": None, "detail": "prompt only in A"})
             continue
         if pa.token_ids != pb.token_ids:
-            index = next((i for i, (x, y) in enumerate(zip(pa.token_ids, pb.token_ids)) if x != y),
-                         min(len(pa.token_ids), len(pb.token_ids)))
-            out.append({"probe": number, "prompt": pa.prompt, "index": index,
-                        "a": pa.token_ids[index] if index < len(pa.token_ids) else None,
-                        "b": pb.token_ids[index] if index < len(pb.token_ids) else None,
-                        "detail": f"first differing token at index {index}"})
+            index = next(
+                (i for i, (x, y) in enumerate(zip(pa.token_ids, pb.token_ids, strict=False)) if x != y),
+                min(len(pa.token_ids), len(pb.token_ids)),
+            )
+            out.append(
+                {
+                    "probe": number,
+                    "prompt": pa.prompt,
+                    "index": index,
+                    "a": pa.token_ids[index] if index < len(pa.token_ids) else None,
+                    "b": pb.token_ids[index] if index < len(pb.token_ids) else None,
+                    "detail": f"first differing token at index {index}",
+                }
+            )
         elif pa.logits_sha256 != pb.logits_sha256:
-            out.append({"probe": number, "prompt": pa.prompt, "index": None,
-                        "detail": f"same {len(pa.token_ids)} tokens, other logits"})
+            out.append(
+                {
+                    "probe": number,
+                    "prompt": pa.prompt,
+                    "index": None,
+                    "detail": f"same {len(pa.token_ids)} tokens, other logits",
+                }
+            )
     known = {p.prompt for p in ma.probes.results}
-    out += [{"probe": None, "prompt": p.prompt, "index": None, "detail": "prompt only in B"}
-            for p in mb.probes.results if p.prompt not in known]
+    out += [
+        {"probe": None, "prompt": p.prompt, "index": None, "detail": "prompt only in B"}
+        for p in mb.probes.results
+        if p.prompt not in known
+    ]
     return out
 
 
@@ -251,9 +300,12 @@ def verdict(changes: list[Change], identical: bool) -> str:
         by_group.setdefault(change.group, []).append(change)
     keys = {group: [c.key for c in items] for group, items in by_group.items()}
 
-    identity = [k for k in keys.get("inputs", []) if k.startswith("base_model.") or k in ("dataset.sha256", "dataset.name")]
+    identity = [
+        k for k in keys.get("inputs", []) if k.startswith("base_model.") or k in ("dataset.sha256", "dataset.name")
+    ]
     if any(k.startswith("base_model.") for k in identity):
-        return f"different: another base model (inputs: {', '.join(k for k in identity if k.startswith('base_model.'))[:80]})"
+        inputs = ", ".join(k for k in identity if k.startswith("base_model."))
+        return f"different: another base model (inputs: {inputs[:80]})"
     if "dataset.sha256" in identity:
         return "different: another dataset (inputs: dataset.sha256)"
     if keys.get("config"):
@@ -265,7 +317,9 @@ def verdict(changes: list[Change], identical: bool) -> str:
         what = {"threads": "other thread count", "profile": "other determinism profile"}[job_pins[0]]
         change = next(c for c in by_group["pins"] if c.key == job_pins[0])
         # A profile is a set of machine pins: name the ISA it moved torch to, the likeliest source of other bits.
-        isa = next((c for c in by_group["pins"] if c.key == "cpu_capability"), None) if job_pins[0] == "profile" else None
+        isa = (
+            next((c for c in by_group["pins"] if c.key == "cpu_capability"), None) if job_pins[0] == "profile" else None
+        )
         with_isa = f", ISA pin cpu_capability {isa.a} -> {isa.b}" if isa else ""
         return f"different: same inputs and config, {what} (pins: {job_pins[0]} {change.a} -> {change.b}{with_isa})"
     if keys.get("toolchain"):
@@ -273,16 +327,22 @@ def verdict(changes: list[Change], identical: bool) -> str:
         lead = "torch" if "torch" in names else names[0]
         change = next(c for c in by_group["toolchain"] if c.key == lead)
         return f"different: another {lead} (toolchain: {lead} {change.a} -> {change.b}; same inputs and config)"
-    machine = [k for k in keys.get("pins", []) if k in ("cpu_capability", "blas", "machine") or k.startswith("environment.")]
+    machine = [
+        k for k in keys.get("pins", []) if k in ("cpu_capability", "blas", "machine") or k.startswith("environment.")
+    ]
     if machine:
         key = "cpu_capability" if "cpu_capability" in machine else machine[0]
         change = next(c for c in by_group["pins"] if c.key == key)
-        what = {"cpu_capability": "other ISA pin", "blas": "other BLAS", "machine": "other CPU architecture"}.get(key, "other pinned environment")
+        what = {"cpu_capability": "other ISA pin", "blas": "other BLAS", "machine": "other CPU architecture"}.get(
+            key, "other pinned environment"
+        )
         return f"different: same inputs, config and toolchain, {what} (pins: {key} {change.a} -> {change.b})"
     if keys.get("inputs"):
         return f"different: other inputs (inputs: {', '.join(keys['inputs'])})"
-    return ("different: same inputs, config, toolchain and pins, yet other bytes: a source of nondeterminism the "
-            "pins do not cover (please report it)")
+    return (
+        "different: same inputs, config, toolchain and pins, yet other bytes: a source of nondeterminism the "
+        "pins do not cover (please report it)"
+    )
 
 
 def diff(a: Path, b: Path) -> Diff:
@@ -308,12 +368,26 @@ def diff(a: Path, b: Path) -> Diff:
     # The model card is written from the manifest: it differs whenever the manifest does.
     if not identical and all(f.status == "identical" for f in files if f.name not in (manifest.FILENAME, card.CARD)):
         if changes:
-            line = line.replace("different: ", "different (the adapter files are identical, the manifest and card are not): ", 1)
+            line = line.replace(
+                "different: ", "different (the adapter files are identical, the manifest and card are not): ", 1
+            )
         else:  # nothing the manifest records differs but the card's own hash: its text came from other code
-            line = (f"different: only the model card ({card.CARD}) and its hash in the manifest; same weights, inputs, "
-                    "config, toolchain and pins: another revision of reprolora wrote the card (the version may read the same)")
-    return Diff(str(a), str(b), identical, line, files, tensors, changes,
-                loss_divergence(ma.loss_trace, mb.loss_trace), probe_differences(ma, mb))
+            line = (
+                f"different: only the model card ({card.CARD}) and its hash in the manifest; same weights, inputs, "
+                "config, toolchain and pins: another revision of reprolora wrote the card "
+                "(the version may read the same)"
+            )
+    return Diff(
+        str(a),
+        str(b),
+        identical,
+        line,
+        files,
+        tensors,
+        changes,
+        loss_divergence(ma.loss_trace, mb.loss_trace),
+        probe_differences(ma, mb),
+    )
 
 
 def render(d: Diff) -> str:
@@ -323,16 +397,21 @@ def render(d: Diff) -> str:
     changed = [t for t in d.tensors if t.status != "identical"]
     if d.tensors:
         largest = max((t for t in changed if t.max_abs is not None), key=lambda t: t.max_abs, default=None)
-        lines.append(f"tensors: {len(changed)} of {len(d.tensors)} differ"
-                     + (f"; the largest |a-b| is {largest.max_abs:.3g}, in {largest.name}" if largest else ""))
+        lines.append(
+            f"tensors: {len(changed)} of {len(d.tensors)} differ"
+            + (f"; the largest |a-b| is {largest.max_abs:.3g}, in {largest.name}" if largest else "")
+        )
     if changed:
         width = max(len(t.name) for t in changed)
         lines.append(f"  {'name':<{width}} {'differing':>12} {'max |a-b|':>10} {'max rel':>10} {'max ULP':>10}")
         for t in changed:
             if t.status == "differs":
                 fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-                lines.append(f"  {t.name:<{width}} {f'{t.differing}/{t.elements}':>12} {fmt(t.max_abs):>10} "
-                             f"{fmt(t.max_rel):>10} {'-' if t.max_ulp is None else t.max_ulp:>10}" + (f"  {t.detail}" if t.detail else ""))
+                lines.append(
+                    f"  {t.name:<{width}} {f'{t.differing}/{t.elements}':>12} {fmt(t.max_abs):>10} "
+                    f"{fmt(t.max_rel):>10} {'-' if t.max_ulp is None else t.max_ulp:>10}"
+                    + (f"  {t.detail}" if t.detail else "")
+                )
             else:
                 lines.append(f"  {t.name:<{width}} {t.status}" + (f": {t.detail}" if t.detail else ""))
     for group in GROUPS:

@@ -18,8 +18,25 @@ from typing import Any
 from reprolora.core import manifest, pins
 
 # The instruction-set flags that decide which kernels torch, MKL and oneDNN pick.
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "asimd",
+    "sve",
+    "sve2",
+)
 PORTABLE_NEEDS = ("avx2", "fma")  # the x86-64 portable profile runs AVX2 kernels with FMA
 
 
@@ -53,8 +70,13 @@ def cpu() -> dict[str, Any]:
 def torch_own_capability() -> str:
     """The capability torch picks when nothing pins it: asked of a fresh interpreter without ATEN_CPU_CAPABILITY."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.stdout.strip() or "unknown"
 
 
@@ -76,8 +98,11 @@ def threads() -> dict[str, Any]:
     import torch
 
     names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_DYNAMIC", "MKL_DYNAMIC")
-    return {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
-            "environment": {name: os.environ.get(name) for name in names}}
+    return {
+        "intra_op": torch.get_num_threads(),
+        "inter_op": torch.get_num_interop_threads(),
+        "environment": {name: os.environ.get(name) for name in names},
+    }
 
 
 def out_of_range(toolchain: dict[str, str]) -> list[str]:
@@ -99,8 +124,10 @@ def out_of_range(toolchain: dict[str, str]) -> list[str]:
         except InvalidVersion:
             continue
         if not requirement.specifier.contains(version, prereleases=True):
-            problems.append(f"{requirement.name} {toolchain[requirement.name]} is outside the tested range "
-                            f"{requirement.specifier}: its kernels may give other bits")
+            problems.append(
+                f"{requirement.name} {toolchain[requirement.name]} is outside the tested range "
+                f"{requirement.specifier}: its kernels may give other bits"
+            )
     return problems
 
 
@@ -117,24 +144,34 @@ def collect() -> dict[str, Any]:
     tools = toolchain()
     warnings = []
     if profile == "native":
-        warnings.append(f"profile native: these bytes hold only on CPUs where torch runs at {pinned_capability} with "
-                        f"the same BLAS path; profile = \"portable\" gives bytes shared across x86-64 CPUs")
+        warnings.append(
+            f"profile native: these bytes hold only on CPUs where torch runs at {pinned_capability} with "
+            f'the same BLAS path; profile = "portable" gives bytes shared across x86-64 CPUs'
+        )
     if profile == "portable-fast":
-        warnings.append("profile portable-fast: its matrix products were measured the same on an AMD and an Intel "
-                        "CPU, a whole job not yet; profile = \"portable\" is the one whose bytes are shared across "
-                        "x86-64 CPUs of both vendors")
+        warnings.append(
+            "profile portable-fast: its matrix products were measured the same on an AMD and an Intel "
+            'CPU, a whole job not yet; profile = "portable" is the one whose bytes are shared across '
+            "x86-64 CPUs of both vendors"
+        )
     if profile in ("portable", "portable-fast") and chip["machine"] == "x86_64":
         missing = [flag for flag in PORTABLE_NEEDS if flag not in chip["flags"]]
         if missing:
-            warnings.append(f"this CPU lacks {', '.join(missing)}, which the {profile} profile's kernels need: "
-                            f"its bytes can't be reproduced here")
+            warnings.append(
+                f"this CPU lacks {', '.join(missing)}, which the {profile} profile's kernels need: "
+                f"its bytes can't be reproduced here"
+            )
     if chip["machine"] == "x86_64" and libs["blas"] != "mkl":
-        warnings.append(f"BLAS is {libs['blas']}, not MKL: the x86-64 pins were measured with MKL; bytes built "
-                        f"with MKL (the PyPI torch) will differ from this torch's")
+        warnings.append(
+            f"BLAS is {libs['blas']}, not MKL: the x86-64 pins were measured with MKL; bytes built "
+            f"with MKL (the PyPI torch) will differ from this torch's"
+        )
     warnings += out_of_range(tools)
     if chip["usable_cpus"] < described["threads"]:
-        warnings.append(f"threads = {described['threads']} but this process may use {chip['usable_cpus']} CPU(s): "
-                        f"the bits hold, the speed does not")
+        warnings.append(
+            f"threads = {described['threads']} but this process may use {chip['usable_cpus']} CPU(s): "
+            f"the bits hold, the speed does not"
+        )
     return {
         "cpu": chip,
         "isa": {"pinned": pinned_capability, "torch_own": own, "profile": profile},
@@ -169,7 +206,8 @@ def against(report: dict[str, Any], recorded: manifest.Manifest) -> dict[str, An
             verdict += " (profile native: the CPU model is not recorded; another vendor's MKL path may still differ)"
     else:
         verdict = f"a rebuild here will likely give other bytes: {reasons[0]}" + (
-            f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+            f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        )
     return {"same": same, "verdict": verdict, "reasons": reasons}
 
 
@@ -177,9 +215,11 @@ def render(report: dict[str, Any]) -> str:
     chip, isa, libs, th = report["cpu"], report["isa"], report["libraries"], report["threads"]
     described = report["pins"]
     lines = [
-        f"cpu:       {chip['model']} ({chip['vendor']}, {chip['machine']}), {chip['usable_cpus']} of {chip['cpus']} CPUs usable",
+        f"cpu:       {chip['model']} ({chip['vendor']}, {chip['machine']}), "
+        f"{chip['usable_cpus']} of {chip['cpus']} CPUs usable",
         f"isa flags: {' '.join(chip['flags']) or 'none found'}",
-        f"isa:       torch runs at {isa['pinned']} (profile {isa['profile']}); unpinned it would pick {isa['torch_own']}",
+        f"isa:       torch runs at {isa['pinned']} (profile {isa['profile']}); "
+        f"unpinned it would pick {isa['torch_own']}",
         f"blas:      {libs['blas']} ({libs['blas_version']}); {libs['onednn']}",
         f"threads:   {th['intra_op']} intra-op, {th['inter_op']} inter-op; "
         + " ".join(f"{k}={v}" for k, v in th["environment"].items() if v is not None),
@@ -187,8 +227,10 @@ def render(report: dict[str, Any]) -> str:
         f"pins:      profile {described['profile']}, threads {described['threads']}: "
         + ", ".join(f"{k}={v}" if v is not None else f"{k} unset" for k, v in described["environment"].items()),
     ]
-    lines += [f"replaced:  {name}={value!r} from the environment (the pins set "
-              f"{described['environment'].get(name)!r})" for name, value in sorted(report["overridden_by_pins"].items())]
+    lines += [
+        f"replaced:  {name}={value!r} from the environment (the pins set {described['environment'].get(name)!r})"
+        for name, value in sorted(report["overridden_by_pins"].items())
+    ]
     lines += [f"warning:   {w}" for w in report["warnings"]]
     if "against" in report:
         lines += [f"against:   {reason}" for reason in report["against"]["reasons"]]

@@ -12,9 +12,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reprolora.core import manifest
 from reprolora.core.canonical import sha256_file
@@ -81,9 +82,17 @@ def _nix_like(work: Path) -> Setup:
     # What a Nix build's builder starts with (no user variables at all); the interpreter is named by full path.
     sandbox = work / "nix-build-top"
     sandbox.mkdir(exist_ok=True)
-    return Setup(whole_env={"HOME": "/homeless-shelter", "PATH": "/path-not-set", "TMPDIR": str(sandbox),
-                            "NIX_BUILD_TOP": str(sandbox), "NIX_BUILD_CORES": "1", "TERM": "xterm-256color"},
-                 cwd=sandbox)
+    return Setup(
+        whole_env={
+            "HOME": "/homeless-shelter",
+            "PATH": "/path-not-set",
+            "TMPDIR": str(sandbox),
+            "NIX_BUILD_TOP": str(sandbox),
+            "NIX_BUILD_CORES": "1",
+            "TERM": "xterm-256color",
+        },
+        cwd=sandbox,
+    )
 
 
 # name -> (what it varies, how it is set up). "plain" comes first and is the reference.
@@ -97,7 +106,10 @@ VARIATIONS: dict[str, tuple[str, Callable[[Path], Setup]]] = {
     "umask": ("umask 077", lambda work: Setup(umask=0o077)),
     "home-unset": ("HOME unset", lambda work: Setup(unset=("HOME", "XDG_CACHE_HOME"))),
     "home-unwritable": ("HOME=/dev/null (nothing can be written there)", _unwritable_home),
-    "omp-threads": ("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1", lambda work: Setup(env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})),
+    "omp-threads": (
+        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1",
+        lambda work: Setup(env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    ),
     "aten-capability": ("ATEN_CPU_CAPABILITY=default", lambda work: Setup(env={"ATEN_CPU_CAPABILITY": "default"})),
     "mkl-cbwr": ("MKL_CBWR=COMPATIBLE", lambda work: Setup(env={"MKL_CBWR": "COMPATIBLE"})),
     "no-network": ("no network (unshare -n)", _no_network),
@@ -128,7 +140,9 @@ def _folder_bytes(folder: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (sha256_file(p), p.stat().st_mode & 0o777) for p in sorted(folder.iterdir())}
 
 
-def run(train_args: list[str], variations: list[str], work: Path, report: Callable[[Row], None] = lambda row: None) -> list[Row]:
+def run(
+    train_args: list[str], variations: list[str], work: Path, report: Callable[[Row], None] = lambda row: None
+) -> list[Row]:
     """Train with `train_args` (absolute paths; -o is added) once per variation, each in a fresh process."""
     from reprolora.audit import diff
 
@@ -149,8 +163,14 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
             env.update(setup.env)
         command = [*setup.prefix, sys.executable, "-m", "reprolora", "train", "-q", *train_args, "-o", str(out)]
         umask = setup.umask
-        result = subprocess.run(command, env=env, cwd=setup.cwd or work, capture_output=True, text=True,
-                                preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
+        result = subprocess.run(
+            command,
+            env=env,
+            cwd=setup.cwd or work,
+            capture_output=True,
+            text=True,
+            preexec_fn=(lambda umask=umask: os.umask(umask)) if umask is not None else None,
+        )
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             rows.append(Row(name, description, None, "failed", f"exit {result.returncode}: {last}"))
@@ -162,7 +182,9 @@ def run(train_args: list[str], variations: list[str], work: Path, report: Callab
             detail = "" if same else diff.diff(reference, out).verdict
             if same is False and not detail.startswith("different"):
                 detail = "same bytes, other file modes"
-            rows.append(Row(name, description, sha256_file(out / manifest.FILENAME), "same" if same else "different", detail))
+            rows.append(
+                Row(name, description, sha256_file(out / manifest.FILENAME), "same" if same else "different", detail)
+            )
         report(rows[-1])
         if name == "plain" and reference is None:
             break  # without a reference there is nothing to compare with
@@ -182,15 +204,17 @@ def quick_job(work: Path) -> list[str]:
     return ["-c", str(work / "tiny.toml"), "--base-model", str(model), "--dataset", str(data)]
 
 
-def job(config: str | None, base_model_dir: str | None, dataset: str | None) -> list[str]:
-    """Train arguments for a user's job, paths made absolute; the default base model is prepared here once."""
-    from reprolora.models import base_model
+def job(config: str | None, base_model_dir: str | None, dataset: str | None, overrides: list[str]) -> list[str]:
+    """Train arguments for a user's job (`overrides`: its `--set` items), paths made absolute; the default base
+    model is prepared here once."""
     from reprolora.core import config as config_module
+    from reprolora.models import base_model
 
     args = []
     if config:
         args += ["-c", str(Path(config).resolve())]
-    loaded = config_module.load(config)
+    loaded = config_module.with_overrides(config_module.load(config), overrides)
+    args += [f"--set={item}" for item in overrides]
     if base_model_dir:
         args += ["--base-model", str(Path(base_model_dir).resolve())]
     elif not loaded.base_model.path:

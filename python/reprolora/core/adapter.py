@@ -41,7 +41,9 @@ def write_adapter(peft_model: Any, folder: Path, base_model_name: str) -> None:
 
     config = peft_model.peft_config["default"].to_dict()
     config["base_model_name_or_path"] = base_model_name
-    write_file(folder / ADAPTER_CONFIG, canonical_json(_sorted_lists(json.loads(json.dumps(config, default=_jsonable)))))
+    write_file(
+        folder / ADAPTER_CONFIG, canonical_json(_sorted_lists(json.loads(json.dumps(config, default=_jsonable))))
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -85,9 +87,13 @@ def _derived_hash_problems(recorded: manifest.Manifest) -> list[str]:
     problems = []
     actual = sha256_bytes(canonical_json(recorded.loss_trace))
     if actual != recorded.loss_trace_sha256:
-        problems.append(f"{manifest.FILENAME}: loss_trace_sha256 differs from the loss trace it states (sha256 {actual})")
+        problems.append(
+            f"{manifest.FILENAME}: loss_trace_sha256 differs from the loss trace it states (sha256 {actual})"
+        )
     name, files = recorded.inputs.base_model.name, recorded.inputs.base_model.files
     if name.startswith(base_model.LOCAL_NAME_PREFIX) and name != base_model.local_name(files):
-        problems.append(f"{manifest.FILENAME}: base model name {name!r} is not the hash of its files' hashes "
-                        f"({base_model.local_name(files)!r})")
+        problems.append(
+            f"{manifest.FILENAME}: base model name {name!r} is not the hash of its files' hashes "
+            f"({base_model.local_name(files)!r})"
+        )
     return problems

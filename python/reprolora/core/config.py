@@ -1,4 +1,4 @@
-"""The job's configuration: one TOML file, every field typed and validated.
+"""The job's configuration: one TOML file and any `--set KEY=VALUE` overrides, every field typed and validated.
 
 The defaults below are the default job (seed 42, LoRA r=16, alpha=32, dropout 0.1, one epoch), and this is the
 only place they are written. A TOML file only names what it changes; relative paths in it are relative to the file.
@@ -16,8 +16,8 @@ from types import UnionType
 from typing import Any, get_args, get_origin, get_type_hints
 
 from reprolora.core.errors import ReproloraError
-from reprolora.models.families import PRESETS
 from reprolora.core.pins import PROFILES
+from reprolora.models.families import PRESETS
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -40,7 +40,8 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.1
-    # module names, or a preset of reprolora.models.families ("attention", "all-linear") that training expands per family
+    # module names, or a preset of reprolora.models.families ("attention", "all-linear") that training expands per
+    # family
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
@@ -150,18 +151,25 @@ def _require(condition: bool, source: str, message: str) -> None:
 
 def validate(config: Config, source: str) -> Config:
     t, lora, data = config.train, config.lora, config.dataset
-    _require(config.profile in PROFILES, source, f"'profile' must be one of {', '.join(PROFILES)}, got {config.profile!r}")
+    _require(
+        config.profile in PROFILES, source, f"'profile' must be one of {', '.join(PROFILES)}, got {config.profile!r}"
+    )
     _require(1 <= config.threads <= 256, source, f"'threads' must be between 1 and 256, got {config.threads}")
     _require(config.seed >= 0, source, f"'seed' must be >= 0, got {config.seed}")
-    _require(0 < data.eval_fraction < 1, source, f"'dataset.eval_fraction' must be between 0 and 1, got {data.eval_fraction}")
+    _require(
+        0 < data.eval_fraction < 1, source, f"'dataset.eval_fraction' must be between 0 and 1, got {data.eval_fraction}"
+    )
     _require(data.max_seq_len >= 8, source, f"'dataset.max_seq_len' must be at least 8, got {data.max_seq_len}")
     _require(lora.r >= 1, source, f"'lora.r' must be at least 1, got {lora.r}")
     _require(lora.alpha >= 1, source, f"'lora.alpha' must be at least 1, got {lora.alpha}")
     _require(0 <= lora.dropout < 1, source, f"'lora.dropout' must be in [0, 1), got {lora.dropout}")
     if isinstance(lora.target_modules, str):
-        _require(lora.target_modules in PRESETS, source,
-                 f"'lora.target_modules' must be a list of module names or one of the presets {', '.join(PRESETS)}, "
-                 f"got {lora.target_modules!r}")
+        _require(
+            lora.target_modules in PRESETS,
+            source,
+            f"'lora.target_modules' must be a list of module names or one of the presets {', '.join(PRESETS)}, "
+            f"got {lora.target_modules!r}",
+        )
     else:
         _require(len(lora.target_modules) > 0, source, "'lora.target_modules' must name at least one module")
         _require(all(lora.target_modules), source, "'lora.target_modules' must not hold an empty name")
@@ -172,7 +180,11 @@ def validate(config: Config, source: str) -> Config:
     _require(t.micro_batch_size >= 1, source, f"'train.micro_batch_size' must be at least 1, got {t.micro_batch_size}")
     _require(t.eval_batch_size >= 1, source, f"'train.eval_batch_size' must be at least 1, got {t.eval_batch_size}")
     _require(t.learning_rate > 0, source, f"'train.learning_rate' must be > 0, got {t.learning_rate}")
-    _require(t.lr_schedule in SCHEDULES, source, f"'train.lr_schedule' must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}")
+    _require(
+        t.lr_schedule in SCHEDULES,
+        source,
+        f"'train.lr_schedule' must be one of {', '.join(SCHEDULES)}, got {t.lr_schedule!r}",
+    )
     _require(0 <= t.warmup_ratio < 1, source, f"'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     _require(t.weight_decay >= 0, source, f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
     _require(t.max_grad_norm > 0, source, f"'train.max_grad_norm' must be > 0, got {t.max_grad_norm}")
@@ -199,6 +211,30 @@ def parse(text: str, source: str, base_dir: Path) -> Config:
         base_model=dataclasses.replace(config.base_model, path=resolve_path(config.base_model.path, base_dir)),
         dataset=dataclasses.replace(config.dataset, path=resolve_path(config.dataset.path, base_dir)),
     )
+
+
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` with each KEY=VALUE of `overrides` (the CLI's `--set`) applied in order and checked as a file's keys
+    are. VALUE is read as a TOML value (`2`, `0.01`, `true`, `["q_proj"]`), else taken as the string it is."""
+    if not overrides:
+        return config
+    table = config.to_dict()
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        if not equals or not key:
+            raise ReproloraError(f"--set {item!r}: expected KEY=VALUE, such as train.epochs=2")
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *tables, name = key.split(".")
+        target = table
+        for part in tables:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ReproloraError(f"--set {item!r}: '{part}' is a value, not a table")
+        target[name] = value
+    return validate(_build(Config, table, "--set", ""), "--set")
 
 
 def load(path: str | Path | None) -> Config:

@@ -61,8 +61,13 @@ class Dataset:
     eval_indices: list[int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "examples": self.examples,
-                "train_indices": list(self.train_indices), "eval_indices": list(self.eval_indices)}
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "examples": self.examples,
+            "train_indices": list(self.train_indices),
+            "eval_indices": list(self.eval_indices),
+        }
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,15 @@ class Pins:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.extra, "profile": self.profile, "threads": self.threads, "machine": self.machine,
-                "environment": dict(self.environment), "cpu_capability": self.cpu_capability, "blas": self.blas}
+        return {
+            **self.extra,
+            "profile": self.profile,
+            "threads": self.threads,
+            "machine": self.machine,
+            "environment": dict(self.environment),
+            "cpu_capability": self.cpu_capability,
+            "blas": self.blas,
+        }
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,13 @@ class Probe:
     logits_sha256: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "token_ids": list(self.token_ids), "text": self.text,
-                "finish_reason": self.finish_reason, "logits_sha256": self.logits_sha256}
+        return {
+            "prompt": self.prompt,
+            "token_ids": list(self.token_ids),
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "logits_sha256": self.logits_sha256,
+        }
 
 
 @dataclass(frozen=True)
@@ -139,10 +156,18 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # top-level keys this version does not know
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.extra, "format": FORMAT, "files": {name: e.to_dict() for name, e in self.files.items()},
-                "inputs": self.inputs.to_dict(), "toolchain": dict(self.toolchain), "pins": self.pins.to_dict(),
-                "metrics": dict(self.metrics), "loss_trace": list(self.loss_trace),
-                "loss_trace_sha256": self.loss_trace_sha256, "probes": self.probes.to_dict()}
+        return {
+            **self.extra,
+            "format": FORMAT,
+            "files": {name: e.to_dict() for name, e in self.files.items()},
+            "inputs": self.inputs.to_dict(),
+            "toolchain": dict(self.toolchain),
+            "pins": self.pins.to_dict(),
+            "metrics": dict(self.metrics),
+            "loss_trace": list(self.loss_trace),
+            "loss_trace_sha256": self.loss_trace_sha256,
+            "probes": self.probes.to_dict(),
+        }
 
 
 _TOP_KEYS = ("format", "files", "inputs", "toolchain", "pins", "metrics", "loss_trace", "loss_trace_sha256", "probes")
@@ -158,17 +183,15 @@ def pins_from_dict(raw: dict[str, Any]) -> Pins:
 
 
 def _pins(pins: Any) -> Pins:
-    return Pins(_get(pins, "profile", str, "pins"), _get(pins, "threads", int, "pins"), _get(pins, "machine", str, "pins"),
-                _get(pins, "environment", dict, "pins"), _get(pins, "cpu_capability", str, "pins"),
-                _get(pins, "blas", str, "pins"), {k: v for k, v in pins.items() if k not in _PIN_KEYS})
-
-
-def from_dict(raw: Any) -> Manifest:
-    """The typed manifest of a parsed manifest.json; raises ReproloraError (without a path) when it is not one."""
-    try:
-        return _from_dict(raw)
-    except _Invalid as e:
-        raise ReproloraError(f"not a valid {FORMAT} manifest: {e}") from None
+    return Pins(
+        _get(pins, "profile", str, "pins"),
+        _get(pins, "threads", int, "pins"),
+        _get(pins, "machine", str, "pins"),
+        _get(pins, "environment", dict, "pins"),
+        _get(pins, "cpu_capability", str, "pins"),
+        _get(pins, "blas", str, "pins"),
+        {k: v for k, v in pins.items() if k not in _PIN_KEYS},
+    )
 
 
 def _from_dict(raw: Any) -> Manifest:
@@ -187,16 +210,28 @@ def _from_dict(raw: Any) -> Manifest:
     results = []
     for number, probe in enumerate(_get(probes, "results", list, "probes")):
         where = f"probes.results[{number}]"
-        results.append(Probe(_get(probe, "prompt", str, where), _get(probe, "token_ids", list, where),
-                             _get(probe, "text", str, where), _get(probe, "finish_reason", str, where),
-                             _get(probe, "logits_sha256", str, where)))
+        results.append(
+            Probe(
+                _get(probe, "prompt", str, where),
+                _get(probe, "token_ids", list, where),
+                _get(probe, "text", str, where),
+                _get(probe, "finish_reason", str, where),
+                _get(probe, "logits_sha256", str, where),
+            )
+        )
     return Manifest(
         files=files,
         inputs=Inputs(
-            base_model=BaseModel(_get(base, "name", str, "inputs.base_model"), _get(base, "files", dict, "inputs.base_model")),
-            dataset=Dataset(_get(data, "name", str, "inputs.dataset"), _get(data, "sha256", str, "inputs.dataset"),
-                            _get(data, "examples", int, "inputs.dataset"), _get(data, "train_indices", list, "inputs.dataset"),
-                            _get(data, "eval_indices", list, "inputs.dataset")),
+            base_model=BaseModel(
+                _get(base, "name", str, "inputs.base_model"), _get(base, "files", dict, "inputs.base_model")
+            ),
+            dataset=Dataset(
+                _get(data, "name", str, "inputs.dataset"),
+                _get(data, "sha256", str, "inputs.dataset"),
+                _get(data, "examples", int, "inputs.dataset"),
+                _get(data, "train_indices", list, "inputs.dataset"),
+                _get(data, "eval_indices", list, "inputs.dataset"),
+            ),
             config=_get(inputs, "config", dict, "inputs"),
         ),
         toolchain=_get(raw, "toolchain", dict, "manifest"),
@@ -230,7 +265,16 @@ def read(folder: Path) -> Manifest:
 def write(folder: Path, manifest: Manifest) -> Manifest:
     """Write FOLDER/manifest.json with `files` set to the sha256 and size of every other file in FOLDER."""
     files = {child.name: FileEntry(**file_entry(child)) for child in sorted(folder.iterdir()) if child.name != FILENAME}
-    complete = Manifest(files, manifest.inputs, manifest.toolchain, manifest.pins, manifest.metrics,
-                        manifest.loss_trace, manifest.loss_trace_sha256, manifest.probes, manifest.extra)
+    complete = Manifest(
+        files,
+        manifest.inputs,
+        manifest.toolchain,
+        manifest.pins,
+        manifest.metrics,
+        manifest.loss_trace,
+        manifest.loss_trace_sha256,
+        manifest.probes,
+        manifest.extra,
+    )
     write_file(folder / FILENAME, canonical_json(complete.to_dict()))
     return complete

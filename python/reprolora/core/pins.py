@@ -5,6 +5,14 @@ torch, MKL, OpenBLAS and oneDNN read these variables once, when they load. Four 
             reproducibility mode: same bytes on the same kind of CPU, at any thread count.
 - portable: AVX2, the baseline of every x86-64 CPU since 2013 (Haswell), fixed threads, and MKL in its
             vendor-neutral COMPATIBLE code path. Same bytes across such CPUs, Intel and AMD alike.
+- portable-fast: portable's AVX2 pins with MKL's AVX2 branch in strict mode (MKL_CBWR=AVX2,STRICT) instead of
+            COMPATIBLE: faster, and the same bytes at any thread count. Measured (torch 2.13, MKL 2024.2, the default
+            model's 72 training products at 1 and 2 threads): the same bits on this project's AMD EPYC (Zen 5) and
+            Intel Xeon (python/benchmarks/blas_vendor_hashes.py). A whole training job was not yet compared across
+            the two vendors, so this profile does not promise cross-vendor bytes: portable does.
+- reference: every operation of training and inference defined by mathematics (reprolora.numerics): the same
+            bytes on any CPU, architecture, BLAS, thread count, world size and micro-batch size. Pins nothing that
+            changes its bits: there is none.
 
 Measured (torch 2.11, same inputs, AMD Zen 5 here against an Intel Xeon with AVX-512): with MKL_CBWR=AVX2,
 MKL's matrix products and its vector math (exp, log, sqrt) differ between the two vendors; MKL_CBWR=COMPATIBLE
@@ -15,14 +23,6 @@ between threads in a way that changes their bits (a [100x576]x[576x1536] product
 weight gradients); MKL_CBWR=AUTO,STRICT makes them, and the default model's micro-batch gradients, the same at 1
 and 2 threads (and equal to AUTO's at 1 thread). STRICT has no effect on the COMPATIBLE path: `portable` still
 depends on the thread count.
-- portable-fast: portable's AVX2 pins with MKL's AVX2 branch in strict mode (MKL_CBWR=AVX2,STRICT) instead of
-            COMPATIBLE: faster, and the same bytes at any thread count. Measured (torch 2.13, MKL 2024.2, the default
-            model's 72 training products at 1 and 2 threads): the same bits on this project's AMD EPYC (Zen 5) and
-            Intel Xeon (python/benchmarks/blas_vendor_hashes.py). A whole training job was not yet compared across
-            the two vendors, so this profile does not promise cross-vendor bytes: portable does.
-- reference: every operation of training and inference defined by mathematics (reprolora.numerics): the same
-            bytes on any CPU, architecture, BLAS, thread count, world size and micro-batch size. Pins nothing that
-            changes its bits: there is none.
 A user's own settings never win over the pins: `overridden()` says which were replaced.
 """
 
@@ -226,9 +226,23 @@ def _openblas_version() -> str | None:
         return words[1] if len(words) > 1 and words[0] == "OpenBLAS" else None
     return None
 
+
 # MKL's code-path branches (mkl_cbwr.h), as mkl_cbwr_get(MKL_CBWR_BRANCH) returns them.
-_MKL_CBWR_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
-                      9: "AVX", 10: "AVX2", 11: "AVX512_MIC", 12: "AVX512", 13: "AVX512_MIC_E1", 14: "AVX512_E1"}
+_MKL_CBWR_BRANCHES = {
+    1: "OFF",
+    2: "AUTO",
+    3: "COMPATIBLE",
+    4: "SSE2",
+    6: "SSSE3",
+    7: "SSE4_1",
+    8: "SSE4_2",
+    9: "AVX",
+    10: "AVX2",
+    11: "AVX512_MIC",
+    12: "AVX512",
+    13: "AVX512_MIC_E1",
+    14: "AVX512_E1",
+}
 
 
 def process_state() -> dict[str, Any]:

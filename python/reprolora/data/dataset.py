@@ -71,10 +71,11 @@ def parse_line(obj: Any, where: str) -> Messages:
         output = _check_string(obj["output"], where, "output")
         if not instruction.strip() or not output.strip():
             raise ReproloraError(f"{where}: 'instruction' and 'output' must not be empty")
-        return [{"role": "user", "content": user_content(instruction, context)}, {"role": "assistant", "content": output}]
-    raise ReproloraError(
-        f"{where}: expected keys instruction/input/output or messages, got {sorted(keys) or 'none'}"
-    )
+        return [
+            {"role": "user", "content": user_content(instruction, context)},
+            {"role": "assistant", "content": output},
+        ]
+    raise ReproloraError(f"{where}: expected keys instruction/input/output or messages, got {sorted(keys) or 'none'}")
 
 
 def user_content(instruction: str, context: str = "") -> str:
@@ -110,7 +111,9 @@ def load(path: str) -> Dataset:
             raise ReproloraError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
         conversations.append(parse_line(obj, where))
     if len(conversations) < 2:
-        raise ReproloraError(f"{label}: needs at least 2 examples (one to train on, one to evaluate), got {len(conversations)}")
+        raise ReproloraError(
+            f"{label}: needs at least 2 examples (one to train on, one to evaluate), got {len(conversations)}"
+        )
     return Dataset(name=name, sha256=sha256_bytes(data), conversations=conversations)
 
 
@@ -132,10 +135,13 @@ def render(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> s
     template = getattr(tokenizer, "chat_template", None)
     if template:
         if "strftime_now" in str(template) and "date_string" not in str(template):
-            raise ReproloraError("the base model's chat template writes today's date (strftime_now), so its text changes "
-                                 "every day; give the model a tokenizer_config.json whose template does not")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             date_string=TEMPLATE_DATE)
+            raise ReproloraError(
+                "the base model's chat template writes today's date (strftime_now), so its text changes "
+                "every day; give the model a tokenizer_config.json whose template does not"
+            )
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, date_string=TEMPLATE_DATE
+        )
     text = ""
     for m in messages:
         end = (tokenizer.eos_token or "") if m["role"] == "assistant" else ""  # the model learns to stop
@@ -159,7 +165,7 @@ def tokenize(tokenizer: Any, messages: Messages, max_len: int, where: str) -> To
         full = render(tokenizer, messages[: k + 1], add_generation_prompt=False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise ReproloraError(f"{where}: the chat template does not render conversations incrementally")
-        pieces += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        pieces += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
         done = full
     input_ids: list[int] = []
     labels: list[int] = []

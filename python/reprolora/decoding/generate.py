@@ -39,14 +39,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from reprolora.core import pins
-from reprolora.data.dataset import Messages, prompt_ids
 from reprolora.core.errors import ReproloraError
+from reprolora.data.dataset import Messages, prompt_ids
 
 SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
 NARROW = 64  # products with at most this many outputs are summed by ATen (module docstring)
@@ -96,8 +97,9 @@ class Sequence:
         return self.finish is not None
 
     def completion(self) -> Completion:
-        return Completion(self.prompt_ids, list(self.generated), self.text, self.finish or "length",
-                          self.digest.hexdigest())
+        return Completion(
+            self.prompt_ids, list(self.generated), self.text, self.finish or "length", self.digest.hexdigest()
+        )
 
 
 class Engine:
@@ -117,7 +119,12 @@ class Engine:
         self.windows: list[int | None]
         if self.family in ("llama", "mistral", "qwen2"):
             inner = model.model
-            self.embed, self.layers, self.final_norm, self.rotary = inner.embed_tokens, list(inner.layers), inner.norm, inner.rotary_emb
+            self.embed, self.layers, self.final_norm, self.rotary = (
+                inner.embed_tokens,
+                list(inner.layers),
+                inner.norm,
+                inner.rotary_emb,
+            )
             self.head = model.lm_head
             window = getattr(config, "sliding_window", None)
             if self.family == "mistral":
@@ -127,7 +134,7 @@ class Engine:
                 self.windows = [window if kind == "sliding_attention" else None for kind in types]
             else:
                 self.windows = [None] * len(self.layers)
-            self.scalings = [self.head_dim ** -0.5] * len(self.layers)
+            self.scalings = [self.head_dim**-0.5] * len(self.layers)
         elif self.family == "gpt2":
             inner = model.transformer
             self.embed, self.positions, self.layers, self.final_norm = inner.wte, inner.wpe, list(inner.h), inner.ln_f
@@ -135,17 +142,25 @@ class Engine:
             self.windows = [None] * len(self.layers)
             if getattr(config, "reorder_and_upcast_attn", False):
                 raise ReproloraError("gpt2 models with reorder_and_upcast_attn are not supported by the decoder")
-            scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
-            self.scalings = [scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale
-                             for i in range(len(self.layers))]
+            scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+            self.scalings = [
+                scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale for i in range(len(self.layers))
+            ]
         elif self.family == "gpt_neox":
             inner = model.gpt_neox
-            self.embed, self.layers, self.final_norm, self.rotary = inner.embed_in, list(inner.layers), inner.final_layer_norm, inner.rotary_emb
+            self.embed, self.layers, self.final_norm, self.rotary = (
+                inner.embed_in,
+                list(inner.layers),
+                inner.final_layer_norm,
+                inner.rotary_emb,
+            )
             self.head = model.get_output_embeddings()
             self.windows = [None] * len(self.layers)
-            self.scalings = [self.head_dim ** -0.5] * len(self.layers)
+            self.scalings = [self.head_dim**-0.5] * len(self.layers)
         else:
-            raise ReproloraError(f"the decoder knows model types llama, mistral, qwen2, gpt2, gpt_neox, not {self.family!r}")
+            raise ReproloraError(
+                f"the decoder knows model types llama, mistral, qwen2, gpt2, gpt_neox, not {self.family!r}"
+            )
         self.cos: torch.Tensor | None = None  # rotary table, [positions, rotary dims]
         self.sin: torch.Tensor | None = None
         self.guess = guess  # idle rows carry guessed tokens (module docstring); False: one token a step
@@ -156,8 +171,13 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- the public API
 
-    def start(self, ids: list[int], max_new_tokens: int, stop: list[str] | None = None,
-              on_token: Callable[[list[int]], None] | None = None) -> Sequence:
+    def start(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        stop: list[str] | None = None,
+        on_token: Callable[[list[int]], None] | None = None,
+    ) -> Sequence:
         """A new sequence with its prompt run (alone) and its first token chosen; it may be done already."""
         sequence = Sequence(list(ids), max_new_tokens, list(stop or []), on_token)
         if max_new_tokens < 1:
@@ -174,19 +194,25 @@ class Engine:
         if not 0 < len(sequences) <= SLOTS or any(s.done for s in sequences):
             raise ValueError(f"step takes 1 to {SLOTS} sequences that are not done")
         guessing = self.guess and len(sequences) < SLOTS  # no lookups where no row is idle (a full batch)
-        found = [lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
-                 if guessing else [] for s in sequences]
+        found = [
+            lookup(s.prompt_ids + s.generated, min(SLOTS - 1, s.max_new_tokens - len(s.generated) - 1))
+            if guessing
+            else []
+            for s in sequences
+        ]
         guesses = share_idle_rows(found)
-        rows = [(sequence, token, sequence.length + offset)
-                for sequence, guessed in zip(sequences, guesses)
-                for offset, token in enumerate([sequence.generated[-1], *guessed])]
+        rows = [
+            (sequence, token, sequence.length + offset)
+            for sequence, guessed in zip(sequences, guesses, strict=True)
+            for offset, token in enumerate([sequence.generated[-1], *guessed])
+        ]
         with torch.inference_mode():
             logits = self._decode(rows)
         self.steps += 1
         self.rows += len(sequences)
         self.guessed += len(rows) - len(sequences)
         row = 0
-        for sequence, guessed in zip(sequences, guesses):
+        for sequence, guessed in zip(sequences, guesses, strict=True):
             for offset in range(len(guessed) + 1):  # row offset's input token is now known right: it stays cached
                 self._take(sequence, logits[row + offset])
                 sequence.length += 1
@@ -194,7 +220,6 @@ class Engine:
                     break
                 self.accepted += 1
             row += len(guessed) + 1
-
 
     # ----------------------------------------------------------------------------------------- choosing tokens
 
@@ -208,8 +233,9 @@ class Engine:
         sequence.generated.append(token)
         if sequence.on_token is not None:
             sequence.on_token(sequence.generated)
-        if sequence.stop and any(s in self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
-                                 for s in sequence.stop):
+        if sequence.stop and any(
+            s in self.tokenizer.decode(sequence.generated, skip_special_tokens=True) for s in sequence.stop
+        ):
             self._finish(sequence, "stop")
         elif len(sequence.generated) >= sequence.max_new_tokens:
             self._finish(sequence, "length")
@@ -266,8 +292,14 @@ class Engine:
         out = rot * cos + rotated * sin
         return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
-    def _layer(self, index: int, x: torch.Tensor, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-               cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    def _layer(
+        self,
+        index: int,
+        x: torch.Tensor,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+    ) -> torch.Tensor:
         layer = self.layers[index]
         norm1 = layer.ln_1 if self.family == "gpt2" else layer.input_layernorm
         q, k, v, attn = self._qkv(layer, norm1(x))
@@ -294,8 +326,15 @@ class Engine:
             return linear(mlp.dense_4h_to_h, mlp.act(linear(mlp.dense_h_to_4h, x)))
         return linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
 
-    def _attention(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   allowed: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+    def _attention(
+        self,
+        index: int,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        allowed: torch.Tensor | None,
+        causal: bool = False,
+    ) -> torch.Tensor:
         """softmax(q k^T * scale) v for one request: q [n, heads, d], keys/values [kv_heads, L, d] -> [n, heads, d].
 
         torch's scaled_dot_product_attention on a batch of one, as training runs it: 4-D inputs take its fused CPU
@@ -304,10 +343,15 @@ class Engine:
         `allowed` [n, L] marks the keys each query may see; `causal` says the usual causal mask instead.
         """
         # enable_gqa: each key/value head serves consecutive query heads, as transformers' repeat_kv
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                               attn_mask=allowed, is_causal=causal,
-                                                               scale=self.scalings[index],
-                                                               enable_gqa=self.heads != self.kv_heads)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            keys[None],
+            values[None],
+            attn_mask=allowed,
+            is_causal=causal,
+            scale=self.scalings[index],
+            enable_gqa=self.heads != self.kv_heads,
+        )
         return out[0].transpose(0, 1)
 
     def _store(self, sequence: Sequence, index: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
@@ -335,9 +379,12 @@ class Engine:
         x = self._embed(torch.tensor(sequence.prompt_ids, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
         # [query, key]: a key at or before its query, and within the window; one mask per window size
-        allowed = {window: (positions.unsqueeze(0) <= positions.unsqueeze(1))
-                   & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
-                   for window in set(self.windows) if window is not None}
+        allowed = {
+            window: (positions.unsqueeze(0) <= positions.unsqueeze(1))
+            & (positions.unsqueeze(0) > positions.unsqueeze(1) - window)
+            for window in set(self.windows)
+            if window is not None
+        }
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(sequence, index, k, v, 0)
@@ -361,7 +408,7 @@ class Engine:
         x = self._embed(torch.tensor(tokens, dtype=torch.long), positions)
         cos, sin = self._rotary(positions) if self.rotary is not None else (None, None)
         starts = [row for row in range(len(rows)) if row == 0 or rows[row][0] is not rows[row - 1][0]]
-        spans = list(zip(starts, starts[1:] + [len(rows)]))  # each sequence's rows
+        spans = list(zip(starts, starts[1:] + [len(rows)], strict=True))  # each sequence's rows
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             for start, end in spans:  # a sequence's rows into its cache at once: a row reads none past its own
@@ -370,9 +417,16 @@ class Engine:
             outs = []
             for row, (sequence, _, at) in enumerate(rows):
                 first = max(0, at + 1 - window) if window is not None else 0
-                outs.append(self._attention(index, q[row:row + 1], sequence.keys[index][:, first:at + 1],
-                                            sequence.values[index][:, first:at + 1], None))
-            outs.append(torch.zeros_like(q[len(rows):]))  # padding rows attend to nothing
+                outs.append(
+                    self._attention(
+                        index,
+                        q[row : row + 1],
+                        sequence.keys[index][:, first : at + 1],
+                        sequence.values[index][:, first : at + 1],
+                        None,
+                    )
+                )
+            outs.append(torch.zeros_like(q[len(rows) :]))  # padding rows attend to nothing
             return torch.cat(outs)
 
         for index in range(len(self.layers)):
@@ -387,7 +441,7 @@ def lookup(tokens: list[int], limit: int) -> list[int]:
     for n in range(min(LOOKUP_NGRAM, len(tokens) - 1), 0, -1):
         suffix = tokens[-n:]
         for end in range(len(tokens) - 2, n - 2, -1):  # where an earlier match would end, latest first
-            if tokens[end] == suffix[-1] and tokens[end - n + 1:end + 1] == suffix:
+            if tokens[end] == suffix[-1] and tokens[end - n + 1 : end + 1] == suffix:
                 guesses: list[int] = []
                 for at in range(end + 1, end + 1 + limit):
                     guesses.append(tokens[at] if at < len(tokens) else guesses[at - len(tokens)])
@@ -401,7 +455,7 @@ def share_idle_rows(found: list[list[int]]) -> list[list[int]]:
     guesses: list[list[int]] = [[] for _ in found]
     idle = SLOTS - len(found)
     for turn in range(SLOTS - 1):
-        for candidates, guessed in zip(found, guesses):
+        for candidates, guessed in zip(found, guesses, strict=True):
             if idle and turn < len(candidates):
                 guessed.append(candidates[turn])
                 idle -= 1
@@ -420,8 +474,11 @@ def packed_product(module: Any, weight: torch.Tensor, x: torch.Tensor) -> torch.
     """x W^T + bias by oneDNN, W packed once per module and again only when the module's weight changes."""
     cached = module.__dict__.get("_reprolora_packed")
     if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:
-        cached = (module.weight, module.weight._version,
-                  torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
+        cached = (
+            module.weight,
+            module.weight._version,
+            torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None),
+        )
         module.__dict__["_reprolora_packed"] = cached
     return torch.ops.mkldnn._linear_pointwise(x, cached[2], module.bias, "none", [], "")
 
@@ -485,8 +542,14 @@ def engine_for(model: Any, tokenizer: Any) -> Engine:
     return engine
 
 
-def greedy(model: Any, tokenizer: Any, prompt: str | Messages, max_new_tokens: int, stop: list[str] | None = None,
-           on_token: Callable[[list[int]], None] | None = None) -> Completion:
+def greedy(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Messages,
+    max_new_tokens: int,
+    stop: list[str] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+) -> Completion:
     """Greedy decoding of `prompt` (one user message, or a conversation), alone: the same bits as when it is
     decoded among others (Engine).
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from reprolora.core import adapter, manifest, pins
-from reprolora.models import base_model
 from reprolora.core.canonical import sha256_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ def check_inputs(folder: Path, base_dir: Path | None = None) -> tuple[manifest.M
     problems = adapter.check_files(folder, recorded)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ReproloraError(f"{folder}/{problems[0]}{more}; refusing to load an adapter that is not what its manifest says")
+        raise ReproloraError(
+            f"{folder}/{problems[0]}{more}; refusing to load an adapter that is not what its manifest says"
+        )
     return recorded, base_model_folder(recorded, base_dir, str(folder))
 
 
@@ -101,19 +103,24 @@ def load(folder: Path, base_dir: Path | None = None) -> Model:
     peft_model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
     peft_model.eval()
     # Keep the model inside the PeftModel (LoRA layers injected): training decoded its probes with that very object.
-    return Model(folder, recorded, sha256_file(folder / manifest.FILENAME), base_folder,
-                 peft_model.get_base_model(), tokenizer, time.perf_counter() - started)
+    return Model(
+        folder,
+        recorded,
+        sha256_file(folder / manifest.FILENAME),
+        base_folder,
+        peft_model.get_base_model(),
+        tokenizer,
+        time.perf_counter() - started,
+    )
 
 
-def prompt_tokens(model: Model, prompt: str | list[dict[str, str]]) -> int:
-    """How many tokens `prompt` (one user message, or a conversation) takes once rendered, as decoding sees it."""
-    from reprolora.decoding.generate import request_ids
-
-    return len(request_ids(model.tokenizer, prompt))
-
-
-def complete(model: Model, prompt: str | list[dict[str, str]], max_new_tokens: int, stop: list[str] | None = None,
-             on_token: Any = None) -> Any:
+def complete(
+    model: Model,
+    prompt: str | list[dict[str, str]],
+    max_new_tokens: int,
+    stop: list[str] | None = None,
+    on_token: Any = None,
+) -> Any:
     """Greedy completion of `prompt` (one user message, or a conversation; the chat template when the tokenizer has
     one). `on_token(ids)` is called after each generated token, for streaming."""
     from reprolora.decoding.generate import greedy
@@ -137,9 +144,11 @@ def check_architecture(recorded: manifest.Manifest, where: str) -> None:
     other kernels and give other bytes. Say so, rather than let every probe fail as a mismatch."""
     trained_on = recorded.pins.machine
     if trained_on != pins.machine():
-        raise ReproloraError(f"{where}: the architecture differs: trained on {trained_on}, this machine is "
-                             f"{pins.machine()}; golden probes replay only on {trained_on} (`reprolora verify` "
-                             "checks the files on any machine)")
+        raise ReproloraError(
+            f"{where}: the architecture differs: trained on {trained_on}, this machine is "
+            f"{pins.machine()}; golden probes replay only on {trained_on} (`reprolora verify` "
+            "checks the files on any machine)"
+        )
 
 
 def check_probes(model: Model) -> list[ProbeCheck]:
@@ -155,16 +164,26 @@ def check_probes(model: Model) -> list[ProbeCheck]:
         expected_ids = probe.token_ids
         label = f"probe {number} {prompt!r}"
         if got.token_ids != expected_ids:
-            index = next((i for i, (a, b) in enumerate(zip(expected_ids, got.token_ids)) if a != b),
-                         min(len(expected_ids), len(got.token_ids)))
+            index = next(
+                (i for i, (a, b) in enumerate(zip(expected_ids, got.token_ids, strict=False)) if a != b),
+                min(len(expected_ids), len(got.token_ids)),
+            )
             want = expected_ids[index] if index < len(expected_ids) else None
             have = got.token_ids[index] if index < len(got.token_ids) else None
-            message = (f"{label}: first differing token at index {index}: expected {_describe_token(model.tokenizer, want)}, "
-                       f"got {_describe_token(model.tokenizer, have)}")
+            message = (
+                f"{label}: first differing token at index {index}: expected {_describe_token(model.tokenizer, want)}, "
+                f"got {_describe_token(model.tokenizer, have)}"
+            )
             results.append(ProbeCheck(prompt, False, message))
         elif got.logits_sha256 != probe.logits_sha256:
-            results.append(ProbeCheck(prompt, False, f"{label}: same {len(got.token_ids)} tokens but the logits differ "
-                                                     f"(sha256 {got.logits_sha256}, expected {probe.logits_sha256})"))
+            results.append(
+                ProbeCheck(
+                    prompt,
+                    False,
+                    f"{label}: same {len(got.token_ids)} tokens but the logits differ "
+                    f"(sha256 {got.logits_sha256}, expected {probe.logits_sha256})",
+                )
+            )
         else:
             results.append(ProbeCheck(prompt, True, f"{label}: {len(got.token_ids)} tokens and logits identical"))
     return results

@@ -56,8 +56,9 @@ class ReferenceEngine(Engine):
 
         def attend(index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             self._store(sequence, index, k, v, 0)
-            return self._attend_cached(index, q, k.transpose(0, 1), v.transpose(0, 1),
-                                       attention_mask(n, self.decoder.layers[index].window))
+            return self._attend_cached(
+                index, q, k.transpose(0, 1), v.transpose(0, 1), attention_mask(n, self.decoder.layers[index].window)
+            )
 
         h = self._forward(sequence.prompt_ids, torch.arange(n), attend)
         sequence.length = n
@@ -66,7 +67,7 @@ class ReferenceEngine(Engine):
     def _decode(self, rows: list[tuple[Sequence, int, int]]) -> Tensor:
         """Logits of `rows` (sequence, input token, its position); a sequence's rows at consecutive positions."""
         starts = [row for row in range(len(rows)) if row == 0 or rows[row][0] is not rows[row - 1][0]]
-        spans = list(zip(starts, starts[1:] + [len(rows)]))
+        spans = list(zip(starts, starts[1:] + [len(rows)], strict=True))
 
         def attend(index: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             for start, end in spans:

@@ -17,48 +17,25 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from reprolora.models import base_model
 from reprolora.core.errors import ReproloraError
+from reprolora.models import base_model, gguf_layout
 
 DTYPES = ("f32", "f16")
-# Hugging Face Llama tensor names -> llama.cpp's (gguf-py's tensor_mapping for LLM_ARCH_LLAMA).
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-
-
-def permute(weights: Any, heads: int) -> Any:
-    """q/k rows from Hugging Face's rotary order (halves) into llama.cpp's (interleaved pairs), per head."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def gguf_tensors(tensors: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """llama.cpp's names and layout for a Hugging Face Llama state dict (float32 numpy arrays)."""
     result = {}
     for name, weights in sorted(tensors.items(), key=lambda item: _order(item[0])):
-        if name in GLOBAL_NAMES:
-            result[GLOBAL_NAMES[name]] = weights
-            continue
-        match = LAYER.match(name)
-        if not match or match.group(2) not in LAYER_NAMES:
-            raise ReproloraError(f"tensor {name!r} has no place in llama.cpp's Llama layout")
-        kind = LAYER_NAMES[match.group(2)]
-        if kind == "attn_q":
-            weights = permute(weights, config["num_attention_heads"])
-        elif kind == "attn_k":
-            weights = permute(weights, config["num_key_value_heads"])
-        result[f"blk.{match.group(1)}.{kind}.weight"] = weights
+        gguf_name = gguf_layout.to_gguf(name)
+        heads = gguf_layout.rotary_heads(gguf_name, config)
+        result[gguf_name] = weights if heads is None else gguf_layout.permute(weights, heads)
     return result
 
 
 def _order(name: str) -> tuple[int, int, str]:
     """Embeddings, then layers by number, then the final norm and output, as llama.cpp's converter orders them."""
-    match = LAYER.match(name)
+    match = re.match(r"^model\.layers\.(\d+)\.", name)
     if match:
         return (1, int(match.group(1)), name)
     return (0 if "embed" in name else 2, 0, name)
@@ -75,8 +52,11 @@ def _default_gguf_tokenizer() -> list[tuple[str, Any, Any]]:
         path = Path(scratch) / base_model.GGUF_MEMBER
         base_model._check_sha256(path, base_model.GGUF_SHA256, "the GGUF model")
         reader = gguf.GGUFReader(str(path))
-        fields = [(name, field.contents(), field.types[0]) for name, field in reader.fields.items()
-                  if name.startswith("tokenizer.")]
+        fields = [
+            (name, field.contents(), field.types[0])
+            for name, field in reader.fields.items()
+            if name.startswith("tokenizer.")
+        ]
         del reader  # the file is memory-mapped: let it go before the folder is removed
     return fields
 
@@ -110,8 +90,12 @@ def _tokenizer_json_fields(folder: Path) -> list[tuple[str, Any, Any]]:
         ("tokenizer.ggml.token_type", [int(kinds.get(i, gguf.TokenType.NORMAL)) for i in range(len(tokens))], V.ARRAY),
         ("tokenizer.ggml.merges", merges, V.ARRAY),
     ]
-    for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
-                       ("unk_token", "unknown_token_id")):
+    for key, field in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("pad_token", "padding_token_id"),
+        ("unk_token", "unknown_token_id"),
+    ):
         token = config.get(key)
         if isinstance(token, dict):
             token = token.get("content")
@@ -153,8 +137,10 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     manifest = read_manifest(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
-        raise ReproloraError(f"{folder}/config.json: model_type {config.get('model_type')!r}; only the Llama family "
-                             "can be exported to GGUF")
+        raise ReproloraError(
+            f"{folder}/config.json: model_type {config.get('model_type')!r}; only the Llama family "
+            "can be exported to GGUF"
+        )
     if config.get("rope_scaling"):
         raise ReproloraError(f"{folder}/config.json: rope_scaling is not supported by this exporter")
     if out.exists():
@@ -168,8 +154,9 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer = _writer(staging)
-        writer.add_name(f"{manifest['base_model']['name']} + reprolora adapter "
-                        f"{manifest['adapter']['manifest_sha256'][:12]}")
+        writer.add_name(
+            f"{manifest['base_model']['name']} + reprolora adapter {manifest['adapter']['manifest_sha256'][:12]}"
+        )
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_context_length(config["max_position_embeddings"])
         writer.add_embedding_length(config["hidden_size"])

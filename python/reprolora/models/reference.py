@@ -83,8 +83,13 @@ def linear_of(module: Any, name: str) -> Linear:
     lora = None
     if hasattr(module, "lora_A") and "default" in module.lora_A:
         dropout = module.lora_dropout["default"]
-        lora = Lora(name, module.lora_A["default"].weight, module.lora_B["default"].weight,
-                    scalar(module.scaling["default"]), float(getattr(dropout, "p", 0.0)))
+        lora = Lora(
+            name,
+            module.lora_A["default"].weight,
+            module.lora_B["default"].weight,
+            scalar(module.scaling["default"]),
+            float(getattr(dropout, "p", 0.0)),
+        )
     weight = base.weight.detach()
     bias = base.bias.detach() if base.bias is not None else None
     return Linear(weight, prepare(weight.t().contiguous()), prepare(weight), bias, lora)
@@ -189,8 +194,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Tensor, allowed: Tensor) -
     return matmul(p, v), p
 
 
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, scale: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of `attention`. A key/value head's gradient sums over the query heads it serves as one product
     over their rows together."""
     kv, group, length, d = q.shape
@@ -239,8 +245,10 @@ class Decoder:
             model = model.get_base_model()
         config = model.config
         if config.model_type not in FAMILIES:
-            raise ReproloraError(f"profile 'reference' runs model types {', '.join(FAMILIES)}, not "
-                                 f"{config.model_type!r} (gpt2 and gpt_neox need LayerNorm and GELU, not written yet)")
+            raise ReproloraError(
+                f"profile 'reference' runs model types {', '.join(FAMILIES)}, not "
+                f"{config.model_type!r} (gpt2 and gpt_neox need LayerNorm and GELU, not written yet)"
+            )
         scaling = getattr(config, "rope_scaling", None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             raise ReproloraError(f"profile 'reference' has no rotary scaling {scaling!r} yet: only the default rotary")
@@ -259,10 +267,15 @@ class Decoder:
         self.layers = []
         for i, layer in enumerate(inner.layers):
             attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
-            self.layers.append(Layer(
-                *(linear_of(getattr(attn, f"{n}_proj"), f"{prefix}.self_attn.{n}_proj") for n in "qkvo"),
-                *(linear_of(getattr(mlp, f"{n}_proj"), f"{prefix}.mlp.{n}_proj") for n in ("gate", "up", "down")),
-                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), windows[i]))
+            self.layers.append(
+                Layer(
+                    *(linear_of(getattr(attn, f"{n}_proj"), f"{prefix}.self_attn.{n}_proj") for n in "qkvo"),
+                    *(linear_of(getattr(mlp, f"{n}_proj"), f"{prefix}.mlp.{n}_proj") for n in ("gate", "up", "down")),
+                    layer.input_layernorm.weight.detach(),
+                    layer.post_attention_layernorm.weight.detach(),
+                    windows[i],
+                )
+            )
         self.cos = torch.empty(0, self.head_dim)
         self.sin = torch.empty(0, self.head_dim)
 
@@ -278,8 +291,11 @@ class Decoder:
 
     @property
     def loras(self) -> list[Lora]:
-        found = [lin.lora for layer in self.layers
-                 for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)]
+        found = [
+            lin.lora
+            for layer in self.layers
+            for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        ]
         return [lora for lora in found + [self.head.lora] if lora is not None]
 
     def rotary_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,8 +309,9 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    def hidden(self, ids: Tensor, lengths: list[int], dropout: Dropout | None = None, tape: Tape | None = None
-               ) -> Tensor:
+    def hidden(
+        self, ids: Tensor, lengths: list[int], dropout: Dropout | None = None, tape: Tape | None = None
+    ) -> Tensor:
         """The final-norm hidden states [tokens, hidden] of packed examples (`ids` [tokens], examples of `lengths`
         one after another, each from position 0). With a tape, what backward needs is kept on it."""
         positions = torch.cat([torch.arange(n) for n in lengths])
@@ -307,8 +324,16 @@ class Decoder:
             tape.head.update(x=x, r=r)
         return h
 
-    def layer_forward(self, layer: Layer, x: Tensor, lengths: list[int], cos: Tensor, sin: Tensor,
-                      dropout: Dropout | None, tape: Tape | None) -> Tensor:
+    def layer_forward(
+        self,
+        layer: Layer,
+        x: Tensor,
+        lengths: list[int],
+        cos: Tensor,
+        sin: Tensor,
+        dropout: Dropout | None,
+        tape: Tape | None,
+    ) -> Tensor:
         saved: dict[str, list] = {name: [] for name in ("q", "k", "v", "o", "gate", "up", "down")}
         n = x.shape[0]
         h1, r1 = rms_norm(x, layer.norm1, self.eps)
@@ -333,8 +358,9 @@ class Decoder:
         a = silu_g * u
         out = x_mid + linear_forward(layer.down, a, dropout, saved["down"])
         if tape is not None:
-            tape.layers.append(dict(x=x, r1=r1, examples=examples, x_mid=x_mid, r2=r2, g=g, u=u, silu_g=silu_g,
-                                    saved=saved))
+            tape.layers.append(
+                dict(x=x, r1=r1, examples=examples, x_mid=x_mid, r2=r2, g=g, u=u, silu_g=silu_g, saved=saved)
+            )
         return out
 
     def _grouped(self, t: Tensor) -> Tensor:
@@ -352,8 +378,9 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------------ loss
 
-    def loss_and_backward(self, ids: Tensor, lengths: list[int], targets: Tensor, dropout: Dropout | None
-                          ) -> tuple[Tensor, dict[str, LoraRows]]:
+    def loss_and_backward(
+        self, ids: Tensor, lengths: list[int], targets: Tensor, dropout: Dropout | None
+    ) -> tuple[Tensor, dict[str, LoraRows]]:
         """Per-token cross-entropy of next-token prediction at the labelled rows, and the LoRA gradient rows of
         their sum. `targets` [tokens]: the label each row predicts, or -1 where it predicts none."""
         tape = Tape()
@@ -372,11 +399,19 @@ class Decoder:
         dx = rms_norm_backward(dh, tape.head["x"], tape.head["r"], self.final_norm)
         positions = torch.cat([torch.arange(n) for n in lengths])
         cos, sin = self.rotary_rows(positions)
-        for layer, saved in zip(reversed(self.layers), reversed(tape.layers)):
+        for layer, saved in zip(reversed(self.layers), reversed(tape.layers), strict=True):
             dx = self.layer_backward(layer, dx, saved, lengths, cos, sin, rows)
 
-    def layer_backward(self, layer: Layer, dout: Tensor, s: dict[str, Any], lengths: list[int], cos: Tensor,
-                       sin: Tensor, rows: dict[str, LoraRows]) -> Tensor:
+    def layer_backward(
+        self,
+        layer: Layer,
+        dout: Tensor,
+        s: dict[str, Any],
+        lengths: list[int],
+        cos: Tensor,
+        sin: Tensor,
+        rows: dict[str, LoraRows],
+    ) -> Tensor:
         saved = s["saved"]
         # out = x_mid + down(silu(g) * u)
         da = linear_backward(layer.down, dout, saved["down"], rows)
@@ -391,7 +426,7 @@ class Decoder:
         n = dout.shape[0]
         dq, dk, dv = (torch.empty(n, heads, self.head_dim) for heads in (self.heads, self.kv_heads, self.kv_heads))
         start = 0
-        for length, (qe, ke, ve, p) in zip(lengths, s["examples"]):
+        for length, (qe, ke, ve, p) in zip(lengths, s["examples"], strict=True):
             dout_e = self._grouped(dattn[start : start + length].reshape(length, self.heads, self.head_dim))
             dqe, dke, dve = attention_backward(dout_e, qe, ke, ve, p, self.scale)
             for full, part in ((dq, dqe), (dk, dke), (dv, dve)):

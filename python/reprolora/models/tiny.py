@@ -22,7 +22,9 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -30,7 +32,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 MISTRAL_TEMPLATE = (
@@ -40,8 +42,13 @@ MISTRAL_TEMPLATE = (
 )
 
 
-def write_tokenizer(folder: Path, chat_template: bool | str = True, bos: str | None = None, eos: str = "<|im_end|>",
-                    pad: str | None = "<|endoftext|>") -> int:
+def write_tokenizer(
+    folder: Path,
+    chat_template: bool | str = True,
+    bos: str | None = None,
+    eos: str = "<|im_end|>",
+    pad: str | None = "<|endoftext|>",
+) -> int:
     """A byte-level BPE tokenizer with no merges: one token per byte, plus three special tokens.
 
     chat_template: True for ChatML, False for none, or the template itself."""
@@ -49,18 +56,49 @@ def write_tokenizer(folder: Path, chat_template: bool | str = True, bos: str | N
     added = []
     for name in SPECIALS:
         vocab[name] = len(vocab)
-        added.append({"id": vocab[name], "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                      "normalized": False, "special": True})
+        added.append(
+            {
+                "id": vocab[name],
+                "content": name,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        )
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": byte_level, "post_processor": byte_level, "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": []},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
     }
-    config = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": None,
-              "model_max_length": 1024, "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    config = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "unk_token": None,
+        "model_max_length": 1024,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template:
         config["chat_template"] = CHAT_TEMPLATE if chat_template is True else chat_template
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
@@ -75,9 +113,17 @@ def make_model(folder: Path, chat_template: bool = True) -> Path:
     folder.mkdir(parents=True)
     vocab_size = write_tokenizer(folder, chat_template)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 3,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 3,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
@@ -97,24 +143,51 @@ def make_family_model(folder: Path, family: str) -> Path:
     folder.mkdir(parents=True)
     ids = {name: len(_bytes_to_unicode()) + i for i, name in enumerate(SPECIALS)}
     endoftext, im_start, im_end = (ids[name] for name in SPECIALS)
-    decoder = dict(vocab_size=len(_bytes_to_unicode()) + len(SPECIALS), hidden_size=32, intermediate_size=64,
-                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024)
+    decoder = dict(
+        vocab_size=len(_bytes_to_unicode()) + len(SPECIALS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=1024,
+    )
     if family == "qwen2":
         write_tokenizer(folder)
-        config = transformers.Qwen2Config(**decoder, num_key_value_heads=2, tie_word_embeddings=True,
-                                          bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext)
+        config = transformers.Qwen2Config(
+            **decoder,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=im_end,
+            pad_token_id=endoftext,
+        )
     elif family == "mistral":
         write_tokenizer(folder, MISTRAL_TEMPLATE, bos="<|im_start|>", pad=None)
-        config = transformers.MistralConfig(**decoder, num_key_value_heads=2, tie_word_embeddings=False,
-                                            sliding_window=64, bos_token_id=im_start, eos_token_id=im_end)
+        config = transformers.MistralConfig(
+            **decoder,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            sliding_window=64,
+            bos_token_id=im_start,
+            eos_token_id=im_end,
+        )
     elif family == "gpt2":
         write_tokenizer(folder, False, bos="<|endoftext|>", eos="<|endoftext|>", pad=None)
-        config = transformers.GPT2Config(vocab_size=decoder["vocab_size"], n_embd=32, n_inner=64, n_layer=2, n_head=4,
-                                         n_positions=1024, bos_token_id=endoftext, eos_token_id=endoftext)
+        config = transformers.GPT2Config(
+            vocab_size=decoder["vocab_size"],
+            n_embd=32,
+            n_inner=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=1024,
+            bos_token_id=endoftext,
+            eos_token_id=endoftext,
+        )
     elif family == "gpt_neox":
         write_tokenizer(folder, False, bos="<|endoftext|>", eos="<|endoftext|>", pad=None)
-        config = transformers.GPTNeoXConfig(**decoder, tie_word_embeddings=False, bos_token_id=endoftext,
-                                            eos_token_id=endoftext)
+        config = transformers.GPTNeoXConfig(
+            **decoder, tie_word_embeddings=False, bos_token_id=endoftext, eos_token_id=endoftext
+        )
     else:
         raise ValueError(f"no tiny model for family {family!r}")
     torch.manual_seed(0)
@@ -122,8 +195,20 @@ def make_family_model(folder: Path, family: str) -> Path:
     return folder
 
 
-TOPICS = ["seeds", "hashes", "threads", "lockfiles", "manifests", "toolchains", "adapters", "caches", "compilers",
-          "datasets", "tokenizers", "containers"]
+TOPICS = [
+    "seeds",
+    "hashes",
+    "threads",
+    "lockfiles",
+    "manifests",
+    "toolchains",
+    "adapters",
+    "caches",
+    "compilers",
+    "datasets",
+    "tokenizers",
+    "containers",
+]
 
 
 def write_dataset(path: Path) -> Path:
@@ -131,8 +216,13 @@ def write_dataset(path: Path) -> Path:
     lines = []
     for i, topic in enumerate(TOPICS * 2):
         verb = "pin" if i % 2 == 0 else "check"
-        lines.append({"instruction": f"Why {verb} {topic}?", "input": "" if i % 3 else f"case {i}",
-                      "output": f"In short: {verb} {topic} so the bytes match.\nCheck: hash the {topic}."})
+        lines.append(
+            {
+                "instruction": f"Why {verb} {topic}?",
+                "input": "" if i % 3 else f"case {i}",
+                "output": f"In short: {verb} {topic} so the bytes match.\nCheck: hash the {topic}.",
+            }
+        )
     path.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
     return path
 

@@ -42,7 +42,9 @@ def save(folder: Path, identity: dict[str, Any], state: Any) -> Path:
     from safetensors.torch import save
 
     tensors = {"rng/torch": torch.get_rng_state()}
-    for (name, param), exp_avg, exp_avg_sq in zip(state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq):
+    for (name, param), exp_avg, exp_avg_sq in zip(
+        state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq, strict=True
+    ):
         tensors[f"param/{name}"] = param.detach().clone()
         tensors[f"exp_avg/{name}"] = exp_avg.clone()
         tensors[f"exp_avg_sq/{name}"] = exp_avg_sq.clone()
@@ -101,8 +103,9 @@ def load(checkpoint: Path, identity: dict[str, Any], state: Any) -> None:
     differ = differences(identity, body.get("job"))
     if differ:
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-        raise ReproloraError(f"{checkpoint}: checkpoint of another job, refusing to resume: "
-                             f"{'; '.join(differ[:3])}{more} differ")
+        raise ReproloraError(
+            f"{checkpoint}: checkpoint of another job, refusing to resume: {'; '.join(differ[:3])}{more} differ"
+        )
     tensors_path = checkpoint / STATE_TENSORS
     expected = body["files"][STATE_TENSORS]["sha256"]
     if not tensors_path.is_file() or sha256_file(tensors_path) != expected:
@@ -112,8 +115,9 @@ def load(checkpoint: Path, identity: dict[str, Any], state: Any) -> None:
     if set(tensors) != wanted:
         raise ReproloraError(f"{tensors_path}: holds other tensors than this job's adapter and optimizer")
     with torch.no_grad():
-        for (name, param), exp_avg, exp_avg_sq in zip(state.params.items(), state.optimizer.exp_avg,
-                                                      state.optimizer.exp_avg_sq):
+        for (name, param), exp_avg, exp_avg_sq in zip(
+            state.params.items(), state.optimizer.exp_avg, state.optimizer.exp_avg_sq, strict=True
+        ):
             param.copy_(tensors[f"param/{name}"])
             exp_avg.copy_(tensors[f"exp_avg/{name}"])
             exp_avg_sq.copy_(tensors[f"exp_avg_sq/{name}"])

@@ -16,8 +16,13 @@ class AdamW:
     division are ATen's own kernels, exact IEEE operations.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params = params
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in params]
@@ -30,7 +35,7 @@ class AdamW:
         beta1, beta2 = self.betas
         bias_correction1 = 1 - beta1**self.steps
         bias_correction2 = 1 - beta2**self.steps
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
+        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
             grad = param.grad
             param.mul_(1 - lr * self.weight_decay)
             exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)

@@ -60,12 +60,13 @@ def packed(items: list[Tokenized]) -> tuple[Tensor, list[int], Tensor]:
 def dropout_for(job: Job, step: int, examples: list[int], lengths: list[int]) -> Any:
     """The dropout of one pass: each element's mask keyed by (seed, step, example, layer, position, feature)."""
     seed = job.config.seed
-    example_of_row = torch.cat([torch.full((n,), e) for e, n in zip(examples, lengths)])
+    example_of_row = torch.cat([torch.full((n,), e) for e, n in zip(examples, lengths, strict=True)])
     position_of_row = torch.cat([torch.arange(n) for n in lengths])
 
     def mask(lora: Lora, x: Tensor) -> Tensor:
-        return counter_random.dropout_mask(lora.dropout, (seed, step, lora.name), example_of_row, position_of_row,
-                                           x.shape[1])
+        return counter_random.dropout_mask(
+            lora.dropout, (seed, step, lora.name), example_of_row, position_of_row, x.shape[1]
+        )
 
     return mask
 
@@ -104,8 +105,9 @@ def unflatten(flat: Tensor, tokens: int, labelled: int, loras: list[Lora]) -> tu
     return losses, rows
 
 
-def gradients(loras: list[Lora], passes: list[tuple[Tensor, dict[str, LoraRows]]], labelled: int
-              ) -> tuple[list[Tensor], Tensor]:
+def gradients(
+    loras: list[Lora], passes: list[tuple[Tensor, dict[str, LoraRows]]], labelled: int
+) -> tuple[list[Tensor], Tensor]:
     """Each LoRA weight's gradient of the mean loss, and the summed loss: one product over the rows of every
     pass (dB = dy^T u, dA = du^T x, then / tokens), one sum over every token's loss."""
     count = scalar(labelled)
@@ -130,20 +132,25 @@ def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
     t = job.config.train
     micro_batches = job.plan[state.step]
     loras = decoder(job).loras
-    sizes = [(sum(len(job.encoded[i].input_ids) for i in examples), sum(labelled(job.encoded[i]) for i in examples))
-             for examples in micro_batches]
+    sizes = [
+        (sum(len(job.encoded[i].input_ids) for i in examples), sum(labelled(job.encoded[i]) for i in examples))
+        for examples in micro_batches
+    ]
     with torch.no_grad():
-        mine = {i: flatten(*pass_rows(job, state.step, examples), loras)
-                for i, examples in enumerate(micro_batches) if world.owns(i)}
+        mine = {
+            i: flatten(*pass_rows(job, state.step, examples), loras)
+            for i, examples in enumerate(micro_batches)
+            if world.owns(i)
+        }
         longest = max(flat_length(tokens, n, loras) for tokens, n in sizes)
         padded = {i: torch.nn.functional.pad(v, (0, longest - len(v))) for i, v in mine.items()}
         gathered = world.gather(padded, len(micro_batches), longest)
-        passes = [unflatten(flat, tokens, n, loras) for flat, (tokens, n) in zip(gathered, sizes)]
+        passes = [unflatten(flat, tokens, n, loras) for flat, (tokens, n) in zip(gathered, sizes, strict=True)]
         n_tokens = sum(n for _, n in sizes)
         grads, loss_sum = gradients(loras, passes, n_tokens)
         grads = clip(grads, t.max_grad_norm)
         params = [p for lora in loras for p in (lora.A, lora.B)]
-        for param, grad in zip(params, grads):
+        for param, grad in zip(params, grads, strict=True):
             param.grad = grad
     state.optimizer.step(learning_rate(state.step, job.total_steps, job.warmup, t.learning_rate, t.lr_schedule))
     state.optimizer.zero_grad()
@@ -186,5 +193,3 @@ def exp_float64(x: float) -> float:
 
     with mpmath.workprec(100):
         return float(mpmath.exp(mpmath.mpf(x)))
-
-

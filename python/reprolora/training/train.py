@@ -28,16 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from reprolora.core import adapter, manifest, pins
-from reprolora.models import base_model, families
 from reprolora.audit import card
-from reprolora.training import checkpoint, distributed, reference
-from reprolora.data import dataset
+from reprolora.core import adapter, manifest, pins
 from reprolora.core.canonical import canonical_json, check_output_target, publish_dir, sha256_bytes
 from reprolora.core.config import Config
+from reprolora.data import dataset
 from reprolora.data.dataset import IGNORE, Tokenized
 from reprolora.decoding.generate import greedy
+from reprolora.models import base_model, families
 from reprolora.models.loading import load_model_and_tokenizer, toolchain
+from reprolora.training import checkpoint, distributed, reference
 from reprolora.training.optim import AdamW, learning_rate
 
 # No reduction in the step sums more elements than this at once: ATen splits a reduction over 32,768 elements
@@ -82,17 +82,20 @@ class Job:
         return len(self.plan)
 
 
-def identity(config: Config, base: base_model.BaseModel, data: dataset.Dataset, train_idx: list[int],
-             eval_idx: list[int]) -> manifest.Identity:
+def identity(
+    config: Config, base: base_model.BaseModel, data: dataset.Dataset, train_idx: list[int], eval_idx: list[int]
+) -> manifest.Identity:
     """What fixes the bytes of a job: its inputs by content, its config, the toolchain and the pins. The manifest
     records it; a checkpoint must match it to be resumed."""
     resolved = config.to_dict()
     # The manifest names inputs by content, never by path.
     resolved["base_model"] = {"name": base.name}
     resolved["dataset"] = {**resolved["dataset"], "path": data.name}
-    inputs = manifest.Inputs(manifest.BaseModel(base.name, base.hashes),
-                             manifest.Dataset(data.name, data.sha256, len(data.conversations), train_idx, eval_idx),
-                             resolved)
+    inputs = manifest.Inputs(
+        manifest.BaseModel(base.name, base.hashes),
+        manifest.Dataset(data.name, data.sha256, len(data.conversations), train_idx, eval_idx),
+        resolved,
+    )
     return manifest.Identity(inputs, toolchain(), manifest.pins_from_dict(pins.describe()))
 
 
@@ -154,8 +157,20 @@ def setup(config: Config) -> Job:
     peft_model = get_peft_model(model, lora)
     plan, epoch_of_step = plan_steps(train_idx, rng, config)
     warmup = math.ceil(len(plan) * config.train.warmup_ratio)
-    job = Job(config, base, data, train_idx, eval_idx, encoded, tokenizer, peft_model, plan, epoch_of_step, warmup,
-              identity(config, base, data, train_idx, eval_idx))
+    job = Job(
+        config,
+        base,
+        data,
+        train_idx,
+        eval_idx,
+        encoded,
+        tokenizer,
+        peft_model,
+        plan,
+        epoch_of_step,
+        warmup,
+        identity(config, base, data, train_idx, eval_idx),
+    )
     if config.profile == "reference":
         reference.initialise_lora(job)  # torch's generator draws differently per build and CPU
     return job
@@ -262,8 +277,11 @@ def grad_norm(flat_grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     norms = []
     for grad in flat_grad.split(sizes):
         chunks = grad.split(REDUCTION_CHUNK)
-        norms.append(torch.linalg.vector_norm(chunks[0]) if len(chunks) == 1
-                     else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks])))
+        norms.append(
+            torch.linalg.vector_norm(chunks[0])
+            if len(chunks) == 1
+            else torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(c) for c in chunks]))
+        )
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -275,8 +293,9 @@ def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
     t = job.config.train
     micro_batches = job.plan[state.step]
     job.causal_lm.train()
-    mine = {i: micro_batch_gradient(job, state, i, examples)
-            for i, examples in enumerate(micro_batches) if world.owns(i)}
+    mine = {
+        i: micro_batch_gradient(job, state, i, examples) for i, examples in enumerate(micro_batches) if world.owns(i)
+    }
     vectors = world.gather(mine, len(micro_batches), sum(p.numel() for p in state.params.values()) + 1)
     n_tokens = sum(labelled_tokens(job.encoded[i]) for examples in micro_batches for i in examples)
 
@@ -285,7 +304,7 @@ def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
         sizes = [p.numel() for p in state.params.values()]
         scale = torch.clamp(t.max_grad_norm / (grad_norm(grad, sizes) + 1e-6), max=1.0)
         grad.mul_(scale)
-        for param, param_grad in zip(state.params.values(), grad.split(sizes)):
+        for param, param_grad in zip(state.params.values(), grad.split(sizes), strict=True):
             param.grad = param_grad.view_as(param)
     state.optimizer.step(learning_rate(state.step, job.total_steps, job.warmup, t.learning_rate, t.lr_schedule))
     state.optimizer.zero_grad()
@@ -300,27 +319,36 @@ def step_tokens(job: Job, step: int) -> int:
     return sum(len(job.encoded[i].input_ids) for examples in job.plan[step] for i in examples)
 
 
-def train(job: Job, state: TrainState, world: distributed.World, progress: bool, checkpoints: Path,
-          checkpoint_every: int) -> float:
+def train(
+    job: Job, state: TrainState, world: distributed.World, progress: bool, checkpoints: Path, checkpoint_every: int
+) -> float:
     """Steps from `state.step` to the end of the plan, a checkpoint every `checkpoint_every` steps (0: none);
-    returns the seconds spent in steps."""
+    returns the tokens per second of the steps this process ran (after a resume, only those since it)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=job.total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
-               disable=not (progress and world.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=job.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=not (progress and world.is_main),
+        dynamic_ncols=True,
+    )
     seconds, tokens = 0.0, 0
     while state.step < job.total_steps:
         tick = time.perf_counter()
         tokens += step_tokens(job, state.step)
         train_step(job, state, world)
         seconds += time.perf_counter() - tick
-        bar.set_postfix(loss=f"{state.loss_trace[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}",
-                        epoch=job.epoch_of_step[state.step - 1])
+        bar.set_postfix(
+            loss=f"{state.loss_trace[-1]:.4f}", tok_s=f"{tokens / seconds:.0f}", epoch=job.epoch_of_step[state.step - 1]
+        )
         bar.update(1)
         if checkpoint_every and state.step % checkpoint_every == 0 and state.step < job.total_steps and world.is_main:
             checkpoint.save(checkpoints, job.identity.to_dict(), state)
     bar.close()
-    return seconds
+    return tokens / max(seconds, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------- the end
@@ -348,8 +376,11 @@ def golden_probes(job: Job) -> manifest.Probes:
     results = []
     for prompt in job.config.probes.prompts:
         completion = greedy(job.causal_lm, job.tokenizer, prompt, job.config.probes.max_new_tokens)
-        results.append(manifest.Probe(prompt, completion.token_ids, completion.text, completion.finish_reason,
-                                      completion.logits_sha256))
+        results.append(
+            manifest.Probe(
+                prompt, completion.token_ids, completion.text, completion.finish_reason, completion.logits_sha256
+            )
+        )
     return manifest.Probes(job.config.probes.max_new_tokens, results)
 
 
@@ -368,8 +399,16 @@ def manifest_body(job: Job, state: TrainState, after: dict[str, float], probes: 
         "train_tokens": sum(step_tokens(job, step) for step in range(state.step)),
         "trainable_parameters": sum(p.numel() for p in state.params.values()),
     }
-    return manifest.Manifest({}, job.identity.inputs, job.identity.toolchain, job.identity.pins, metrics,
-                             state.loss_trace, sha256_bytes(canonical_json(state.loss_trace)), probes)
+    return manifest.Manifest(
+        {},
+        job.identity.inputs,
+        job.identity.toolchain,
+        job.identity.pins,
+        metrics,
+        state.loss_trace,
+        sha256_bytes(canonical_json(state.loss_trace)),
+        probes,
+    )
 
 
 def weights_sha256(state: TrainState) -> str:
@@ -394,7 +433,9 @@ def start(job: Job, out: Path, resume: bool) -> TrainState:
     return state
 
 
-def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int = 0, resume: bool = False) -> Result | None:
+def run(
+    config: Config, out: Path, progress: bool = True, checkpoint_every: int = 0, resume: bool = False
+) -> Result | None:
     """Train the adapter described by `config` and publish it at `out` (which must not exist).
 
     Under torchrun every rank trains; rank 0 alone publishes, once every rank has shown that it holds the same
@@ -406,7 +447,7 @@ def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int 
         job = setup(config)
         state = start(job, out, resume)
         distributed.check_same(world, "the step to start from", str(state.step))
-        train_seconds = train(job, state, world, progress, checkpoint.folder_for(out), checkpoint_every)
+        tokens_per_second = train(job, state, world, progress, checkpoint.folder_for(out), checkpoint_every)
         distributed.check_same(world, "the sha256 of the trained weights", weights_sha256(state))
         if not world.is_main:
             return None
@@ -418,5 +459,4 @@ def run(config: Config, out: Path, progress: bool = True, checkpoint_every: int 
             manifest.write(staging, body)
     finally:
         world.close()
-    metrics = body.metrics
-    return Result(out, metrics, metrics["train_tokens"] / max(train_seconds, 1e-9), time.perf_counter() - started)
+    return Result(out, body.metrics, tokens_per_second, time.perf_counter() - started)
