@@ -11,4 +11,6 @@ Modules:
                rounding an exact rational to float32 (the definition every answer comes from).
 - matmul:      the correctly rounded float32 matrix product (float64 product, bound, fallback).
 - reductions:  the correctly rounded float32 sum along a dimension.
+- pointwise:   correctly rounded exp, log, sqrt (float64 route, rounding test, mpmath fallback); sigmoid, silu,
+               the rotary tables.
 """
