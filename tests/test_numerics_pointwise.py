@@ -1,6 +1,8 @@
-"""numerics.pointwise against mpmath at 400 bits rounded by exact.round_to_float32 (exp, log), against exact
-integer square roots and numpy's IEEE float32 sqrt (sqrt), on random inputs, specials, and inputs whose results
-lie within about 2^-46 of a float32 rounding midpoint (so the exact fallback runs).
+"""numerics.pointwise against mpmath at 400 bits rounded by exact.round_to_float32 (exp, log, and the rotary
+tables' sin and cos), against exact integer square roots and numpy's IEEE float32 sqrt (sqrt), against the
+written-out sequence in exact arithmetic and in numpy's IEEE float32 (sigmoid, silu), and against transformers'
+LlamaRotaryEmbedding (rotary_tables); on random inputs, specials, and inputs whose results lie within about 2^-46
+of a float32 rounding midpoint (so the exact fallback runs).
 
 The hard inputs were found by `PYTHONPATH=python python python/benchmarks/numerics_hard_cases.py exp 0.5 8` and
 `... log 0.5 4` (every float32 in those ranges; the script confirms each with mpmath); the test checks again
@@ -211,10 +213,10 @@ def test_sqrt_corrects_a_wrong_candidate(monkeypatch: pytest.MonkeyPatch, factor
     assert torch.equal(expected.view(torch.int32), torch.from_numpy(np.sqrt(x.numpy())).view(torch.int32))
 
 
-@pytest.mark.parametrize("name", ["exp", "log", "sqrt"])
+@pytest.mark.parametrize("name", ["exp", "log", "sqrt", "sigmoid", "silu"])
 def test_same_bits_at_one_and_two_threads(name: str) -> None:
     x = torch.randn(300000, generator=torch.Generator().manual_seed(5)) * 20
-    if name != "exp":
+    if name in ("log", "sqrt"):
         x = x.abs()
     threads = torch.get_num_threads()
     try:
@@ -230,3 +232,168 @@ def test_same_bits_at_one_and_two_threads(name: str) -> None:
 def test_rejects_other_dtypes() -> None:
     with pytest.raises(TypeError, match="numerics.exp: expects a float32 tensor"):
         pointwise.exp(torch.zeros(3, dtype=torch.float64))
+
+
+def sigmoid_steps(x: float) -> float:
+    """The written-out sigmoid from exact arithmetic: exp(-x) by the oracle, then 1 + e and 1 / d each rounded."""
+    e = oracle("exp", -x)
+    if math.isnan(e):
+        return math.nan
+    d = math.inf if e == math.inf else round_to_float32(Fraction(e) + 1)
+    return 0.0 if d == math.inf else round_to_float32(1 / Fraction(d))
+
+
+def test_sigmoid_and_silu_are_the_written_out_sequence() -> None:
+    generator = torch.Generator().manual_seed(7)
+    x = torch.cat(
+        [
+            torch.randn(300, generator=generator) * 12,
+            torch.rand(100, generator=generator) * 200 - 100,  # the ends: 1.0, subnormals, +0
+            random_floats(300, 8),
+        ]
+    )
+    got = pointwise.sigmoid(x)
+    for value, result in zip(x.tolist(), got.tolist(), strict=True):
+        assert result == sigmoid_steps(value), value.hex()
+        true = 1 / (1 + mpmath.exp(-mpmath.mpf(value)))
+        if result >= 2.0**-126:  # a few roundings from the true sigmoid (not correctly rounded, by definition)
+            assert abs(result - true) <= 2.0**-22 * true, value.hex()
+    # The same bits as numpy's IEEE float32 add and divide after exp, on many inputs.
+    many = torch.randn(100000, generator=generator) * 30
+    e = pointwise.exp(-many).numpy()
+    expected = np.float32(1) / (e + np.float32(1))
+    assert np.array_equal(pointwise.sigmoid(many).numpy().view(np.int32), expected.view(np.int32))
+    silu = pointwise.silu(many).numpy()
+    assert np.array_equal(silu.view(np.int32), (many.numpy() * expected).view(np.int32))
+
+
+def test_sigmoid_and_silu_specials() -> None:
+    x = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 17.5, 40.0, -88.0, -88.8, -200.0], dtype=torch.float32)
+    sig = pointwise.sigmoid(x).tolist()
+    assert sig[:4] == [0.5, 0.5, 1.0, 0.0] and math.isnan(sig[4])
+    assert sig[5] == 1.0 and sig[6] == 1.0 and 0 < sig[7] < 2.0**-126 and sig[8] == 0.0 and sig[9] == 0.0
+    assert sig[7] == sigmoid_steps(-88.0)
+    out = pointwise.silu(x).tolist()
+    assert out[0] == 0.0 and math.copysign(1, out[1]) == -1.0 and out[2] == math.inf
+    assert math.isnan(out[3]) and math.isnan(out[4])  # -inf * 0 as IEEE says; NaN stays NaN
+    assert out[5] == 17.5 and out[6] == 40.0 and out[8] == 0.0 and math.copysign(1, out[9]) == -1.0
+    with pytest.raises(TypeError, match="numerics.sigmoid"):
+        pointwise.sigmoid(torch.zeros(2, dtype=torch.float64))
+
+
+HARD_SIN = [  # float32 angles whose sine lies within ~2^-46 of a float32 midpoint (found by scanning [1, 2) and
+    "0x1.41f49c0000000p+0",  # [1024, 2048) with numpy's float64 sin, confirmed by mpmath)
+    "0x1.89093e0000000p+10",
+    "0x1.0d67a40000000p+0",
+    "0x1.32f9920000000p+10",
+    "0x1.1e07f20000000p+10",
+    "0x1.d38c8a0000000p+0",
+]
+HARD_COS = [
+    "0x1.544ce40000000p+0",
+    "0x1.0c4d4a0000000p+0",
+    "0x1.b6781c0000000p+0",
+    "0x1.2561d80000000p+0",
+    "0x1.ec92880000000p+10",
+    "0x1.4432b20000000p+0",
+]
+NEAR_MULTIPLES_OF_PI = [3, 22, 333, 355, 103993, 104348, 208341, 312689, 833719, 1146408, 4272943, 5419351]
+
+
+def test_sin_cos_match_mpmath_and_take_the_fallback_on_hard_cases() -> None:
+    generator = torch.Generator().manual_seed(9)
+    angles = torch.cat(
+        [
+            torch.rand(300, generator=generator) * 7,
+            torch.rand(200, generator=generator) * 2.0**24,
+            torch.tensor(NEAR_MULTIPLES_OF_PI, dtype=torch.float32),
+            torch.tensor([1e-6, 2.0**-20, 0.7853982, 0.7853981, 2.0**24 - 1]),
+        ]
+    )
+    sin, cos = pointwise._sin_cos(angles)
+    for value, s, c in zip(angles.tolist(), sin.tolist(), cos.tolist(), strict=True):
+        assert s == oracle("sin", value) and c == oracle("cos", value), value.hex()
+    for name, hard in (("sin", HARD_SIN), ("cos", HARD_COS)):
+        x = torch.tensor([float.fromhex(h) for h in hard], dtype=torch.float32)
+        for value in x.tolist():
+            assert midpoint_distance(exact_value(name, value)) < 2.0**-44, value.hex()
+        pointwise._round_trig.cache_clear()
+        before = pointwise.FALLBACKS[name]
+        result = pointwise._sin_cos(x)[0 if name == "sin" else 1]
+        assert result.tolist() == [oracle(name, value) for value in x.tolist()]
+        assert pointwise.FALLBACKS[name] - before >= len(hard) // 2
+    zero = pointwise._sin_cos(torch.zeros(1))
+    assert zero[0].tolist() == [0.0] and math.copysign(1, zero[0].item()) == 1.0 and zero[1].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("head_dim,base", [(64, 10000.0), (128, 1000000.0)])
+def test_rotary_tables_definition(head_dim: int, base: float) -> None:
+    positions = torch.tensor([0, 1, 2, 7, 100, 511, 4095, 65537, 2**24 - 1])
+    cos, sin = pointwise.rotary_tables(positions, head_dim, base)
+    half = head_dim // 2
+    assert cos.shape == sin.shape == (len(positions), head_dim) and cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])
+    inv_freq = pointwise._inverse_frequencies(head_dim, base)
+    for i, f in enumerate(inv_freq.tolist()):
+        with mpmath.workprec(400):
+            exact = pointwise._mpf_fraction(mpmath.power(mpmath.mpf(base), mpmath.mpf(-2 * i) / head_dim))
+        assert f == round_to_float32(exact), i
+    assert inv_freq[0] == 1.0
+    for row, p in enumerate(positions.tolist()):
+        for i in range(0, half, 5):
+            angle = round_to_float32(Fraction(p) * Fraction(inv_freq[i].item()))  # one IEEE float32 multiply
+            assert cos[row, i].item() == oracle("cos", angle) and sin[row, i].item() == oracle("sin", angle), (p, i)
+    assert cos[0].tolist() == [1.0] * head_dim and sin[0].tolist() == [0.0] * head_dim
+
+
+def test_rotary_tables_match_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF's LlamaRotaryEmbedding: inv_freq = 1 / float32(base^(2i/d)) is within one ulp of the correctly rounded
+    one (not always equal); with HF's own inv_freq, every angle is the same float32 product and the tables agree
+    to atol 1e-6 (cos/sin rounding alone) over 4096 positions; with ours, where an angle moves by p ulps of
+    inv_freq, they agree to atol 1e-6 for small positions and to p * 2^-23 everywhere."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    head_dim, base, n = 64, 10000.0, 4096
+    config = llama.LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=head_dim, rope_theta=base
+    )
+    hf = llama.LlamaRotaryEmbedding(config)
+    hf_cos, hf_sin = (t[0] for t in hf(torch.zeros(1, n, head_dim), torch.arange(n)[None]))
+    ours = pointwise._inverse_frequencies(head_dim, base)
+    assert ((hf.inv_freq.view(torch.int32) - ours.view(torch.int32)).abs() <= 1).all()
+    cos, sin = pointwise.rotary_tables(torch.arange(n), head_dim, base)
+    assert torch.allclose(cos[:48], hf_cos[:48], atol=1e-6) and torch.allclose(sin[:48], hf_sin[:48], atol=1e-6)
+    bound = torch.arange(n, dtype=torch.float32)[:, None] * 2.0**-23 + 1e-6
+    assert ((cos - hf_cos).abs() <= bound).all() and ((sin - hf_sin).abs() <= bound).all()
+    monkeypatch.setattr(pointwise, "_inverse_frequencies", lambda d, b: hf.inv_freq.clone())
+    cos, sin = pointwise.rotary_tables(torch.arange(n), head_dim, base)
+    assert torch.allclose(cos, hf_cos, atol=1e-6) and torch.allclose(sin, hf_sin, atol=1e-6)
+
+
+def test_rotary_tables_speed_threads_and_errors() -> None:
+    import time
+
+    pointwise._inverse_frequencies.cache_clear()
+    start = time.perf_counter()
+    one = pointwise.rotary_tables(torch.arange(4096), 64, 10000.0)
+    assert time.perf_counter() - start < 10
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = pointwise.rotary_tables(torch.arange(2**24 - 2048, 2**24), 64, 500000.0)
+        torch.set_num_threads(2)
+        b = pointwise.rotary_tables(torch.arange(2**24 - 2048, 2**24), 64, 500000.0)
+        two = pointwise.rotary_tables(torch.arange(4096), 64, 10000.0)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(a + one, b + two, strict=True):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+    with pytest.raises(ValueError, match="2\\^24"):
+        pointwise.rotary_tables(torch.tensor([2**24]), 64, 10000.0)
+    with pytest.raises(ValueError, match="2\\^24"):
+        pointwise.rotary_tables(torch.tensor([-1]), 64, 10000.0)
+    with pytest.raises(ValueError, match="head_dim"):
+        pointwise.rotary_tables(torch.arange(3), 63, 10000.0)
+    with pytest.raises(TypeError, match="positions"):
+        pointwise.rotary_tables(torch.arange(3.0), 64, 10000.0)
+    empty = pointwise.rotary_tables(torch.arange(0), 64, 10000.0)
+    assert empty[0].shape == (0, 64) and empty[1].shape == (0, 64)

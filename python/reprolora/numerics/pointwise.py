@@ -7,12 +7,17 @@ in Horner form, scaling by 2^k built from bits), then prove the rounding with `e
 a stated error bound; the few elements that test leaves undecided are computed by mpmath and rounded by
 `exact.round_to_float32`. `FALLBACKS[name]` counts the elements each op sent to the exact path.
 
+Built on them: sigmoid and silu, written-out sequences of these ops and single IEEE float32 ops (not correctly
+rounded functions); rotary_tables, the rotary embedding's cos/sin tables, each entry the correctly rounded cos or
+sin of a float32 angle defined by one IEEE multiply of the position by a correctly rounded inverse frequency.
+
 Error bounds below are in u = 2^-53, the unit roundoff of float64; gamma_n = n u / (1 - n u).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from fractions import Fraction
 
@@ -69,7 +74,7 @@ def _mpf_fraction(value) -> Fraction:
 
 
 def _round_exactly(name: str, x: float) -> float:
-    """The float32 nearest mpmath's `name`(x) (exp, log, sin, cos), from mpmath at rising precision until the rounding is decided.
+    """The float32 nearest mpmath's `name`(x) (exp, log, sin, cos), at rising precision until it is decided.
 
     mpmath evaluates elementary functions with guard bits, to within about one unit in the last place of its
     working precision; we allow 2^(16 - precision) relative, 2^16 units, and accept a result only when both ends
@@ -79,16 +84,29 @@ def _round_exactly(name: str, x: float) -> float:
     """
     import mpmath  # lazy: torch brings it (through sympy); only the rare fallback needs it
 
+    return _round_mpmath(lambda: getattr(mpmath, name)(mpmath.mpf(x)), f"{name}({x!r})")
+
+
+_ROUND_MPMATH_LIMIT = 8192  # bits: where the precision doubling of the mpmath fallbacks gives up
+
+
+def _round_mpmath(evaluate, what: str) -> float:
+    """The float32 nearest a real number mpmath computes by `evaluate()` at the current working precision, to
+    within 2^16 units in its last place (as _round_exactly allows), doubling the precision from 128 bits until
+    both ends of that interval round to one float32; ArithmeticError past 8192 bits (only an exact midpoint
+    would get there)."""
+    import mpmath  # lazy, as in _round_exactly
+
     precision = 128
-    while precision <= 8192:
+    while precision <= _ROUND_MPMATH_LIMIT:
         with mpmath.workprec(precision):
-            value = _mpf_fraction(getattr(mpmath, name)(mpmath.mpf(x)))
+            value = _mpf_fraction(evaluate())
         slack = abs(value) / 2 ** (precision - 16)
         low, high = round_to_float32(value - slack), round_to_float32(value + slack)
         if low == high:
             return low
         precision *= 2
-    raise ArithmeticError(f"numerics.{name}({x!r}): rounding not decided at 8192 bits")
+    raise ArithmeticError(f"numerics.{what}: rounding not decided at {_ROUND_MPMATH_LIMIT} bits")
 
 
 def _fill_undecided(x: torch.Tensor, rounded: torch.Tensor, undecided: torch.Tensor, name: str) -> torch.Tensor:
@@ -216,3 +234,151 @@ def sqrt(x: torch.Tensor) -> torch.Tensor:
         raise ArithmeticError("numerics.sqrt: correction did not settle")
     special = torch.where((x64 < 0) | torch.isnan(x64), torch.full_like(x, math.nan), x)  # +-0 and +inf stay
     return torch.where(positive, candidate, special)
+
+
+@torch.no_grad()
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """The logistic function as the written-out float32 sequence 1 / (1 + exp(-x)), for the float32 tensor x.
+
+    Definition: e = exp(-x) correctly rounded to float32 (this module's exp; the negation is exact), then
+    d = 1 + e as one IEEE float32 addition, then 1 / d as one IEEE float32 division, each rounded to nearest even
+    in its own tensor op. This is a fixed sequence of three correctly rounded operations, not the correctly
+    rounded sigmoid: the result is within about 1.5 ulp of 1 / (1 + e^-x) (each step's relative error is at most
+    2^-24, the division's condition number is below 1), and its bits depend on x alone.
+
+    Specials and edges: sigmoid(NaN) = NaN; sigmoid(+inf) = 1 (e = +0); sigmoid(-inf) = +0 (e = +inf, 1/inf);
+    sigmoid(+-0) = 0.5. For x > 17.33 or so, e < 2^-25 and 1 + e rounds to 1, so the result is exactly 1.0; for
+    x < -88.72 (e^-x overflows to +inf) it is +0; in between, for x below about -87.3, it is a float32 subnormal,
+    the IEEE division's rounding of 1 / d on the subnormal grid.
+    """
+    _check(x, "sigmoid")
+    e = exp(-x)
+    return 1.0 / (e + 1.0)
+
+
+@torch.no_grad()
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU as the written-out float32 sequence x * sigmoid(x): this module's sigmoid, then one IEEE float32
+    multiply (rounded to nearest even). Not the correctly rounded x / (1 + e^-x); its bits depend on x alone.
+
+    Specials: silu(NaN) = NaN; silu(+inf) = +inf; silu(-inf) = NaN, IEEE's -inf * 0 (the sequence as written;
+    the models never see infinite activations); silu(+-0) = +-0. For x < -88.72, sigmoid(x) = +0 and the product
+    is -0; for large positive x, sigmoid(x) = 1 and the result is x exactly.
+    """
+    _check(x, "silu")
+    return x * sigmoid(x)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """inv_freq_i = the float32 nearest the exact base^(-2i/head_dim), i < head_dim/2 (mpmath, precision doubling)."""
+    import mpmath
+
+    def power(i: int):
+        return lambda: mpmath.power(mpmath.mpf(base), mpmath.mpf(-2 * i) / head_dim)
+
+    values = [_round_mpmath(power(i), f"rotary_tables: {base!r}^(-{2 * i}/{head_dim})") for i in range(head_dim // 2)]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# pi/2 = P1 + P2 + P3 + t: P1 of 28 bits (a multiple of 2^-27), P2 the next 28 (a multiple of 2^-55), P3 the float64
+# nearest the rest, |t| < 2^-109. Any k < 2^24 times P1 or P2 has at most 52 bits: exact in float64.
+_P1 = float((_HALF_PI * 2**27) // 1 / 2**27)
+_P2 = float(((_HALF_PI - Fraction(_P1)) * 2**55) // 1 / 2**55)
+_P3 = float(_HALF_PI - Fraction(_P1) - Fraction(_P2))
+_TWO_OVER_PI = float(1 / _HALF_PI)
+_SIN_COEFFICIENTS = [float(Fraction((-1) ** j, math.factorial(2 * j + 1))) for j in range(9)]  # sin r = r S(r^2)
+_COS_COEFFICIENTS = [float(Fraction((-1) ** j, math.factorial(2 * j))) for j in range(10)]  # cos r = C(r^2)
+_TRIG_RELATIVE_ERROR = 2.0**-44  # proven: < 37 u < 2^-47.7 (_sin_cos's docstring); 2^3.7 times that for margin
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _round_trig(name: str, angle: float) -> float:
+    return _round_exactly(name, angle)
+
+
+def _sin_cos(angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sin and cos, each correctly rounded to float32, of every element of a float32 tensor of angles in
+    [0, 2^24) (exact reals), ties impossible (sin a, cos a are transcendental for rational a != 0; a = 0 gives
+    exactly sin = +0, cos = 1).
+
+    Route (float64, each step one IEEE op): k = round(a * 2/pi) (k < 2^24, and |a - k pi/2| <= pi/4 + 2^-27, as
+    a * 2/pi is within 2^-28 of its value); r1 = a - k*P1 is exact: k*P1 has <= 52 bits, and for k >= 1, a >= 0.78
+    is a multiple of 2^-24, so r1 is a multiple of 2^-27 with |r1| <= 0.786 + k (pi/2 - P1) < 0.786 + 2^24 2^-27 < 1;
+    r2 = r1 - k*P2 (k*P2 exact, the subtraction rounded: <= u |r2|); r = r2 - k*P3 (the product's rounding
+    < u 2^24 2^-55 = 2^-84, the subtraction's <= u|r|); the tail k t < 2^-85. So the computed r is within
+    d = 4u|r| + 2^-80 of a - k pi/2 (generously), and since sin and cos are 1-Lipschitz, that costs at most d
+    absolutely. Then sin r = r S(r^2), cos r = C(r^2), their Taylor polynomials in Horner form (S to z^8, C to
+    z^9), on |r| <= 0.786: truncation < 2^-62 relative; z = r*r costs u relative, moving S by < 0.13u and C by
+    < 0.5u relative; the coefficients' rounding u and Horner's rule gamma_16 (S) / gamma_18 (C) (Higham, 5.3),
+    both relative to sum |c_j| z^j, which is at most 1.23 S(z) (sinh r / sin r) and 1.88 C(z) (cosh r / cos r);
+    the product r*S one more u. In all below 23u (sin) and 37u (cos) relative: 2^-47.7. The quadrant k mod 4
+    picks +-sin r or +-cos r (negation exact). Each result goes through round_float64_interval with error
+    d + 2^-44 |value|; what it leaves undecided is computed by mpmath (_round_exactly) and counted in
+    FALLBACKS["sin"], FALLBACKS["cos"].
+    """
+    a = angle.to(torch.float64)
+    k = torch.round(a * _TWO_OVER_PI)
+    r = a - k * _P1
+    r = r - k * _P2
+    r = r - k * _P3
+    z = r * r
+    sin_r = r * _horner(_SIN_COEFFICIENTS, z)
+    cos_r = _horner(_COS_COEFFICIENTS, z)
+    quadrant = k.to(torch.int64) & 3
+    sin_a = torch.where(
+        quadrant == 0, sin_r, torch.where(quadrant == 1, cos_r, torch.where(quadrant == 2, -sin_r, -cos_r))
+    )
+    cos_a = torch.where(
+        quadrant == 0, cos_r, torch.where(quadrant == 1, -sin_r, torch.where(quadrant == 2, -cos_r, sin_r))
+    )
+    reduction = r.abs() * (4 * 2.0**-53) + 2.0**-80
+    zero = a == 0
+    results = []
+    for name, value in (("sin", sin_a), ("cos", cos_a)):
+        rounded, decided = round_float64_interval(value, reduction + value.abs() * _TRIG_RELATIVE_ERROR)
+        rounded = torch.where(zero, torch.full_like(rounded, 0.0 if name == "sin" else 1.0), rounded)
+        undecided = ~decided & ~zero
+        count = int(undecided.sum())
+        if count:
+            FALLBACKS[name] += count
+            rounded = rounded.clone()
+            inputs = angle[undecided].tolist()
+            rounded[undecided] = torch.tensor([_round_trig(name, v) for v in inputs], dtype=torch.float32)
+        results.append(rounded)
+    return results[0], results[1]
+
+
+@torch.no_grad()
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding's (cos, sin) tables, float32 [len(positions), head_dim], in Hugging Face's rotate_half
+    layout: column j and column j + head_dim/2 both hold frequency j (emb = cat([freqs, freqs], -1)).
+
+    Definition, for position p (an int64 in [0, 2^24): exact in float32) and i < head_dim/2:
+    - inv_freq_i = the float32 nearest the exact real base^(-2i/head_dim) (mpmath, precision doubled until the
+      rounding is decided; cached per (head_dim, base)); inv_freq_0 = 1.
+    - angle = p * inv_freq_i as ONE IEEE float32 multiply (rounded to nearest even); angle < 2^24.
+    - cos, sin = the float32 nearest the exact cos and sin of that float32 angle, an exact real (_sin_cos: a
+      float64 route behind round_float64_interval with a proven bound, mpmath for what it leaves undecided).
+    HF computes inv_freq as 1 / float32(base ** (2i/head_dim)) and cos/sin by the platform's libm, so its tables
+    agree with these to a few float32 ulps of the angle (more for large positions, where an inv_freq one ulp
+    apart moves the angle by p ulps).
+
+    Raises ValueError for a head_dim that is not positive and even, a base that is not finite and > 0, or a
+    position outside [0, 2^24); TypeError for positions that are not a 1-D integer tensor. Position 0 gives
+    cos = 1, sin = +0 exactly.
+    """
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.dtype.is_floating_point:
+        raise TypeError("numerics.rotary_tables: positions must be a 1-D integer tensor")
+    if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"numerics.rotary_tables: head_dim must be a positive even integer, got {head_dim!r}")
+    base = float(base)
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"numerics.rotary_tables: base must be finite and positive, got {base!r}")
+    positions = positions.to(torch.int64)
+    if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= 2**24):
+        raise ValueError("numerics.rotary_tables: positions must lie in [0, 2^24), where float32 holds them exactly")
+    inv_freq = _inverse_frequencies(head_dim, base)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # one IEEE float32 multiply each
+    sin, cos = _sin_cos(angles)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
