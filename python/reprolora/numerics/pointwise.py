@@ -303,11 +303,13 @@ def _sin_cos(angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exactly sin = +0, cos = 1).
 
     Route (float64, each step one IEEE op): k = round(a * 2/pi) (k < 2^24, and |a - k pi/2| <= pi/4 + 2^-27, as
-    a * 2/pi is within 2^-28 of its value); r1 = a - k*P1 is exact: k*P1 has <= 52 bits, and for k >= 1, a >= 0.78
-    is a multiple of 2^-24, so r1 is a multiple of 2^-27 with |r1| <= 0.786 + k (pi/2 - P1) < 0.786 + 2^24 2^-27 < 1;
-    r2 = r1 - k*P2 (k*P2 exact, the subtraction rounded: <= u |r2|); r = r2 - k*P3 (the product's rounding
-    < u 2^24 2^-55 = 2^-84, the subtraction's <= u|r|); the tail k t < 2^-85. So the computed r is within
-    d = 4u|r| + 2^-80 of a - k pi/2 (generously), and since sin and cos are 1-Lipschitz, that costs at most d
+    a * 2/pi is within 2^-28 of its value); r1 = a - k*P1 is exact: k*P1 has <= 52 bits, and for k >= 1,
+    a >= 0.78 is a multiple of 2^-24, so r1 is a multiple of 2^-27 with |r1| <= 0.786 + k (pi/2 - P1)
+    < 0.786 + 2^24 2^-27 < 1; r2 = r1 - k*P2 (k*P2 exact, the subtraction rounded: <= u |r2|); r = r2 - k*P3
+    (the product's rounding < u 2^24 2^-55 = 2^-84, the subtraction's <= u|r|); the tail k t < 2^-85. So the
+    computed r is within d = 4u|r| + 2^-80 of a - k pi/2 (generously); d = 0 when k = 0, where every step is
+    exact and r = a (so tiny and subnormal angles are decided on their relative bound alone). Since sin and cos
+    are 1-Lipschitz, the reduction costs at most d
     absolutely. Then sin r = r S(r^2), cos r = C(r^2), their Taylor polynomials in Horner form (S to z^8, C to
     z^9), on |r| <= 0.786: truncation < 2^-62 relative; z = r*r costs u relative, moving S by < 0.13u and C by
     < 0.5u relative; the coefficients' rounding u and Horner's rule gamma_16 (S) / gamma_18 (C) (Higham, 5.3),
@@ -332,7 +334,7 @@ def _sin_cos(angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos_a = torch.where(
         quadrant == 0, cos_r, torch.where(quadrant == 1, -sin_r, torch.where(quadrant == 2, -cos_r, sin_r))
     )
-    reduction = r.abs() * (4 * 2.0**-53) + 2.0**-80
+    reduction = torch.where(k == 0, torch.zeros_like(r), r.abs() * (4 * 2.0**-53) + 2.0**-80)  # k = 0: r = a exactly
     zero = a == 0
     results = []
     for name, value in (("sin", sin_a), ("cos", cos_a)):
