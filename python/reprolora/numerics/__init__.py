@@ -13,4 +13,6 @@ Modules:
 - reductions:  the correctly rounded float32 sum along a dimension.
 - pointwise:   correctly rounded exp, log, sqrt (float64 route, rounding test, mpmath fallback); sigmoid, silu,
                the rotary tables.
+- random:      counter-based random numbers (Philox4x32-10 in int64 tensor ops, keys from SHA-256 of the key
+               tuple): LoRA's A and dropout masks, exact from the bits, keyed by what they belong to.
 """
