@@ -227,6 +227,16 @@ def test_dropout_p_zero_is_all_ones():
     assert mask(0.1, (0, 0, "x"), [], [], 10).shape == (0, 10)
 
 
+def test_dropout_extremes():
+    p = 1 - 2**-53  # the largest float64 below 1: T = 2^32, nothing kept; scale 2^53
+    assert counter_random.dropout_threshold(p) == 2**32 and counter_random.dropout_scale(p) == 2.0**53
+    assert torch.equal(mask(p, (0, 0, "x"), [0, 1], [0, 0], 64), torch.zeros(2, 64))
+    tiny = 2.0**-40  # T = 1: only the all-zero word is dropped
+    assert counter_random.dropout_threshold(tiny) == 1
+    assert counter_random.dropout_threshold(0.5) == 2**31 and counter_random.dropout_scale(0.5) == 2.0
+    assert counter_random.dropout_scale(0.1) == round_to_float32(Fraction(2**55, 2**55 - int(Fraction(0.1) * 2**55)))
+
+
 def test_threads_do_not_change_bits():
     threads = torch.get_num_threads()
     try:

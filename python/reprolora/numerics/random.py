@@ -225,8 +225,10 @@ def dropout_mask(
     = ceil(Fraction(p) 2^32), an exact integer comparison, with probability exactly (2^32 - T) / 2^32 (within
     2^-32 of 1 - p); scale = dropout_scale(p) = round_to_float32(1 / (1 - Fraction(p))). So row i is a function
     of (key, example_of_row[i], position_of_row[i], width) alone (its first columns do not even depend on width),
-    whatever the other rows, their order or the batch. p = 0 gives T = 0 and scale 1: all ones. p must lie in
-    [0, 1) and width >= 0 (ValueError otherwise); width must stay below 2^34.
+    whatever the other rows, their order or the batch. p = 0 gives T = 0 and scale 1: all ones. Extremes: p
+    above 1 - 2^-32 gives T = 2^32, nothing kept (all 0.0); scale is finite (at most 2^53, at p = 1 - 2^-53).
+    p must be a float or int in [0, 1) (NaN, bool and anything else raise ValueError), width an int in
+    [0, 2^34); zero rows or zero width give an empty tensor.
     """
     threshold = dropout_threshold(p)
     scale = dropout_scale(p)
