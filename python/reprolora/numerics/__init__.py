@@ -15,4 +15,6 @@ Modules:
                the rotary tables.
 - random:      counter-based random numbers (Philox4x32-10 in int64 tensor ops, keys from SHA-256 of the key
                tuple): LoRA's A and dropout masks, exact from the bits, keyed by what they belong to.
+- optim:       AdamW as written-out float32 IEEE operations with scalars each rounded once from exact rationals;
+               the learning-rate schedule as the float64 nearest its exact value.
 """
