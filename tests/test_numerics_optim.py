@@ -1,7 +1,8 @@
 """numerics.optim: AdamW reproduced bit for bit by an independent numpy float32 re-computation (numpy's float32
-+ - * / and sqrt are IEEE operations) with scalars from exact Fractions rounded by exact.round_to_float32; close to
-torch.optim.AdamW; its scalars exact for large step counts, ties and the precision-doubling path; the same bits
-with 1 or 2 threads. learning_rate exact (Fractions, Niven's exact cosines, a float64 tie) and against mpmath and
++ - * / and sqrt are IEEE operations) with scalars from exact Fractions rounded by exact.round_to_float32, and by
+per-op Fractions; close to torch.optim.AdamW; its scalars exact for large step counts, ties and the
+precision-doubling path; resumable from checkpointed state; the same bits with 1 or 2 threads and with ATen's
+DEFAULT kernels. learning_rate exact (Fractions, Niven's exact cosines, a float64 tie), against mpmath and
 training/optim.py.
 """
 
@@ -325,3 +326,35 @@ def test_cosine_precision_doubling(monkeypatch):
     for step in (1, 5, 9):
         assert optim.learning_rate(step, 10, 0, 3e-4, "cosine") == mpmath_cosine(step, 10, 0, 3e-4)
     assert optim.FALLBACKS["cosine"] > before
+
+
+ISA_SCRIPT = """
+import sys, numpy, torch
+from reprolora.numerics import optim
+rng = numpy.random.default_rng(13)  # not torch.randn: its vectorised normal sampler differs by ISA
+draw = lambda: torch.from_numpy(rng.standard_normal((96, 40)).astype(numpy.float32))
+params = [torch.nn.Parameter(draw())]
+optimizer = optim.AdamW(params, weight_decay=0.01)
+for step in range(3):
+    params[0].grad = draw()
+    optimizer.step(optim.learning_rate(step, 5, 1, 1e-3, "cosine"))
+tensors = params + optimizer.exp_avg + optimizer.exp_avg_sq
+sys.stdout.write(b"".join(x.detach().numpy().tobytes() for x in tensors).hex())
+"""
+
+
+def test_isa_does_not_change_bits():
+    """ATen's DEFAULT (non-vector) kernels give the bits this machine's vectorised ones (AVX2 or AVX512) give."""
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(optim.__file__)))
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        run = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        outputs.append(run.stdout)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2 * 3 * 96 * 40 * 4
