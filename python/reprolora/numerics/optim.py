@@ -211,7 +211,7 @@ class AdamW:
           p = p * decay
           m = m * b1;  m = m + g * c1                      (g * c1 first)
           v = v * b2;  v = v + (g * g) * c2                (g * g, then * c2)
-          denom = sqrt(v / bc2) + e                        (bc2 a full tensor: ATen turns a division by a scalar
+          denom = sqrt(v / bc2) + e                        (bc2 a full tensor: ATen may turn a division by a scalar
                                                             into a multiply by its reciprocal; pointwise.sqrt,
                                                             correctly rounded)
           p = p - (m / denom) * step_size
