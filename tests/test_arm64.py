@@ -287,3 +287,54 @@ def test_check_refuses_another_architecture(tiny_adapter: Path, tiny_base_model:
         run_cli("infer", str(adapter), "--base-model", str(tiny_base_model), "--json", "-n", "2", "hi").stdout
     )
     assert answer["completion_tokens"] > 0
+
+
+@pytest.fixture(scope="session")
+def reference_adapters(arm64: Arm64, tiny_base_model: Path, tiny_dataset: Path, tmp_path_factory) -> dict[str, Path]:
+    """The tiny job under profile `reference` (test_reference's job), trained on x86_64 here and under emulation
+    there at the same time: its bytes depend on the job alone, so both must be the same."""
+    from test_reference import REFERENCE_JOB, reference_run
+
+    (arm64.work / "reference.toml").write_text(REFERENCE_JOB.format(threads=2, micro_batch=1))
+    train = ("python", "-m", "reprolora", "train", "-q", "-c", "/work/reference.toml", "--base-model", "/work/model")
+    emulated = arm64.start(*train, "--dataset", "/work/data.jsonl", "-o", "/work/reference")
+    started = time.perf_counter()
+    here = tmp_path_factory.mktemp("reference-x86_64")
+    reference_run(here, "x86_64", tiny_base_model, tiny_dataset)
+    stdout, stderr = emulated.communicate(timeout=3600)
+    arm64.say(f"train reference (beside the same job on x86_64): {time.perf_counter() - started:.1f} s wall")
+    assert emulated.returncode == 0, f"train reference: exit {emulated.returncode}:\n{stderr[-3000:]}"
+    shutil.copytree(here / "x86_64", arm64.work / "reference-x86_64")
+    return {"aarch64": arm64.work / "reference", "x86_64": here / "x86_64"}
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_reference_gives_x86_64s_bytes_there(reference_adapters: dict[str, Path]) -> None:
+    """aarch64 (torch 2.10, OpenBLAS) against x86_64 (this venv's torch, MKL): the same weights, config, losses,
+    metrics and probes; the manifests differ only in what they record of the machine and toolchain."""
+    there, here = reference_adapters["aarch64"], reference_adapters["x86_64"]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (there / name).read_bytes() == (here / name).read_bytes(), name
+    recorded = [json.loads((folder / "manifest.json").read_text()) for folder in (there, here)]
+    assert recorded[0]["pins"]["machine"] == "aarch64" and recorded[1]["pins"]["machine"] == "x86_64"
+    for key in ("loss_trace", "metrics", "probes"):
+        assert recorded[0][key] == recorded[1][key], key
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_reference_adapter_from_x86_64_replays_its_probes_there(
+    arm64: Arm64, reference_adapters: dict[str, Path]
+) -> None:
+    """Profile `reference` is not bound to an architecture: an x86_64 adapter's golden probes replay under
+    emulation bit for bit (the other profiles refuse, test_x86_64_adapter_refuses_to_check_there)."""
+    result = arm64.reprolora(
+        "infer --check reference (x86_64's adapter)",
+        "infer",
+        "/work/reference-x86_64",
+        "--base-model",
+        "/work/model",
+        "--check",
+    )
+    assert "golden probes replayed bit for bit" in result.stderr
