@@ -227,6 +227,31 @@ def test_hash_check_passes_on_the_committed_hashes_and_fails_on_any_other_byte(t
     assert check_hashes(adapter, expected).returncode == 1
 
 
+def test_hash_check_of_the_weights_alone_ignores_the_records_of_the_machine(tmp_path):
+    """Committed: the weights (what the job decides under `reference`, the same on every system). The records of
+    where the folder was built (manifest, card, peft's config fields) may differ; nothing else may be there."""
+    adapter = write_adapter(tmp_path / "result")
+    expected = tmp_path / "adapter-x.sha256"
+    expected.write_text(f"{nixtest.sha256_lines(adapter).splitlines()[2]}\n")
+    assert expected.read_text().endswith("  adapter_model.safetensors\n")
+    assert check_hashes(adapter, expected).returncode == 0, check_hashes(adapter, expected).stdout
+
+    for record in ("manifest.json", "README.md", "adapter_config.json"):
+        (adapter / record).write_text("built on another machine\n")
+    assert check_hashes(adapter, expected).returncode == 0
+
+    (adapter / "adapter_model.safetensors").write_text("other weights\n")
+    failed = check_hashes(adapter, expected)
+    assert failed.returncode == 1 and "adapter_model.safetensors" in failed.stdout
+
+    (adapter / "adapter_model.safetensors").unlink()
+    assert check_hashes(adapter, expected).returncode == 1
+    (adapter / "adapter_model.safetensors").write_text("bytes of adapter_model.safetensors\n")
+    (adapter / "extra.txt").write_text("not part of an adapter\n")
+    failed = check_hashes(adapter, expected)
+    assert failed.returncode == 1 and "extra.txt" in failed.stdout
+
+
 def test_hash_check_without_a_committed_file_warns_and_writes_the_lines_to_commit(tmp_path):
     """A first run on a new system passes (so CI saves its Nix cache) and hands over the lines to commit."""
     adapter = write_adapter(tmp_path / "result")
@@ -238,14 +263,15 @@ def test_hash_check_without_a_committed_file_warns_and_writes_the_lines_to_commi
 
 
 def expected_file_problem(path: Path) -> str | None:
-    """What is wrong with a hash file of expected/: the Nix route's must name every file of result/, the pip
-    route's the adapter's weights and config (its manifest records the interpreter's patch version, which a pip
-    lock does not pin); each line as sha256sum writes it."""
+    """What is wrong with a hash file of expected/: the Nix route's names the weights, the file the job alone
+    decides under `reference` (the others record the machine and toolchain), the pip route's the adapter's
+    weights and config (its manifest records the interpreter's patch version, which a pip lock does not pin);
+    each line as sha256sum writes it."""
     lines = path.read_text().splitlines()
     if not all(re.fullmatch(r"[0-9a-f]{64}  \S+", line) for line in lines):
         return f"{path.name}: not sha256sum lines"
     names = [line[66:] for line in lines]
-    wanted = sorted(nixtest.ADAPTER_FILES) if path.name.startswith("adapter-") else [
+    wanted = ["adapter_model.safetensors"] if path.name.startswith("adapter-") else [
         "adapter_config.json", "adapter_model.safetensors"]
     return None if names == wanted else f"{path.name}: names {names}, not {wanted}"
 
@@ -263,6 +289,13 @@ def test_the_expected_file_check_catches_a_wrong_file(tmp_path):
 def test_committed_expected_hashes_are_sha256sum_lines_of_the_adapter_files():
     problems = [expected_file_problem(path) for path in sorted((nixtest.REPO / "expected").glob("*.sha256"))]
     assert not [p for p in problems if p], problems
+
+
+def test_both_nix_systems_expect_the_same_weights():
+    """The flake's adapter is trained under `reference`: its weights do not depend on the architecture."""
+    assert "profile = \"reference\"" in (nixtest.REPO / "pkgs" / "adapter.toml").read_text()
+    lines = {(nixtest.REPO / "expected" / f"adapter-{s}.sha256").read_text() for s in ("x86_64-linux", "aarch64-linux")}
+    assert len(lines) == 1, lines
 
 
 CHECK_CLOSURE = nixtest.REPO / ".github" / "scripts" / "check-closure.sh"

@@ -5,6 +5,7 @@ thread count, the CPU code path or the world size."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,10 +123,10 @@ def reference_run(
     micro_batch: int = 1,
     env: dict[str, str] | None = None,
     nproc: int = 1,
+    python: str = sys.executable,
 ) -> dict[str, object]:
-    """Train the tiny job (3 steps) under `reference` in a fresh process; what may not differ between runs."""
-    import os
-
+    """Train the tiny job (3 steps) under `reference` in a fresh process (of `python`); what may not differ between
+    runs."""
     config = tmp_path / f"{name}.toml"
     config.write_text(REFERENCE_JOB.format(threads=threads, micro_batch=micro_batch))
     out = tmp_path / name
@@ -144,9 +145,9 @@ def reference_run(
         str(out),
     ]
     launcher = (
-        [sys.executable]
+        [python]
         if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        else [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     )
     result = subprocess.run(
         [*launcher, *train], env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900
@@ -182,3 +183,22 @@ def test_reference_bytes_depend_on_the_job_alone(tmp_path, tiny_base_model, tiny
         del variations["isa-avx2"]
     for name, variation in variations.items():
         assert reference_run(tmp_path, name, *args, **variation) == first, name
+
+
+OLDEST = Path(__file__).resolve().parents[1] / ".venv-oldest" / "bin" / "python"
+
+
+@pytest.mark.slow
+def test_reference_bytes_are_the_same_with_the_oldest_supported_versions(tmp_path, tiny_base_model, tiny_dataset):
+    """The venv of pyproject's lower bounds (.ci/run's .venv-oldest: transformers 4.56, peft 0.17, safetensors
+    0.4.3, numpy 1.26) against this one: the same weights, losses, eval and probes. adapter_config.json is peft's
+    LoraConfig of each version (other fields), so it is not compared."""
+    if not OLDEST.exists():
+        message = f"no oldest-versions venv at {OLDEST} (.ci/run builds it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    here = reference_run(tmp_path, "here", tiny_base_model, tiny_dataset)
+    oldest = reference_run(tmp_path, "oldest", tiny_base_model, tiny_dataset, python=str(OLDEST))
+    del here["adapter_config.json"], oldest["adapter_config.json"]
+    assert oldest == here

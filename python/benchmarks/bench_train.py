@@ -387,6 +387,12 @@ def print_rows(rows: dict[str, list[dict]], analysis: dict[str, Any]) -> None:
             f"(target <= 0.6); native at {flops / best['native']['train_s'] / 1e9 / ceiling:.1%} of the ceiling "
             f"(target >= 60%)"
         )
+    if "native" in best and "reference" in best:
+        ref, native = best["reference"], best["native"]
+        print(
+            f"reference / native training time R {ref['train_s'] / native['train_s']:.2f} (target <= 2.0, aim 1.5); "
+            f"whole run (eval, probes, publishing too) {ref['wall_s'] / native['wall_s']:.2f}"
+        )
 
 
 def prepare_base(args: argparse.Namespace, scratch: Path) -> str:
