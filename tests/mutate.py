@@ -56,6 +56,11 @@ FINGERPRINT_PORTABLE_FAST = (
 DIFF = "python/reprolora/audit/diff.py"
 DIFF_TESTS = "tests/test_diff.py"
 THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
+MATMUL = "python/reprolora/numerics/matmul.py"
+MATMUL_TESTS = "tests/test_numerics_matmul.py"
+REFERENCE_MODEL = "python/reprolora/models/reference.py"
+REFERENCE_TRAINING = "python/reprolora/training/reference.py"
+REFERENCE_TESTS = "tests/test_reference.py"
 
 MUTANTS = [
     # Issue 12, gap 1: the pins must reach the process that trains and infers.
@@ -378,6 +383,92 @@ MUTANTS = [
             ),
         ],
         ["tests/test_real_model.py::test_default_model_converts_to_the_pinned_bytes"],
+    ),
+    # Issue 23, item 5: the `reference` profile's mechanisms, each defined by mathematics.
+    Mutant(
+        "reference-matmul-skips-the-fallback",  # the undecided elements keep the float64 product's rounding
+        [
+            Edit(
+                MATMUL,
+                "    if not bool(decided.all()):\n        _exact_where_undecided(rounded, decided, a64, b64)\n",
+                "",
+            )
+        ],
+        [f"{MATMUL_TESTS}::test_near_midpoints_take_the_fallback_and_come_out_exact"],
+    ),
+    Mutant(
+        "reference-matmul-bound-halved",
+        [Edit(MATMUL, ".sqrt().mul_(factor) * b_norms", ".sqrt().mul_(factor / 2) * b_norms")],
+        [f"{MATMUL_TESTS}::test_the_bound_covers_the_worst_summation_order"],
+    ),
+    Mutant(
+        "reference-torch-matmul-in-one-layer",  # LoRA's A product by torch's float32 BLAS, not correctly rounded
+        [
+            Edit(
+                REFERENCE_MODEL,
+                "    u = matmul(xd, lora.A.detach().t())\n",
+                "    u = torch.matmul(xd, lora.A.detach().t())\n",
+            )
+        ],
+        [f"{REFERENCE_TESTS}::test_a_passes_lora_rows_are_the_exact_products_rounded"],
+    ),
+    Mutant(
+        "reference-torch-dropout",  # the masks from torch's generator, seeded from the key: they follow the pass
+        [
+            Edit(
+                REFERENCE_TRAINING,
+                "        return counter_random.dropout_mask(\n"
+                "            lora.dropout, (seed, step, lora.name), example_of_row, position_of_row, x.shape[1]\n"
+                "        )\n",
+                "        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)\n"
+                "        return (torch.rand(x.shape, generator=generator) >= lora.dropout) / (1 - lora.dropout)\n",
+            )
+        ],
+        [f"{REFERENCE_TESTS}::test_a_passes_dropout_masks_are_keyed_by_seed_step_layer_example_and_position"],
+    ),
+    Mutant(
+        "reference-fused-adamw",  # torch.optim.AdamW's m.lerp_(g, 1 - beta1) for the two ops m * b1 + g * c1
+        [
+            Edit(
+                "python/reprolora/numerics/optim.py",
+                '            exp_avg.mul_(s["beta1"])\n            exp_avg.add_(grad * s["one_minus_beta1"])\n',
+                '            exp_avg.lerp_(grad, s["one_minus_beta1"])\n',
+            )
+        ],
+        ["tests/test_numerics_optim.py::test_adamw_matches_numpy_bit_for_bit[0.0]"],
+    ),
+    Mutant(
+        "reference-sum-skips-the-fallback",
+        [
+            Edit(
+                "python/reprolora/numerics/reductions.py",
+                "    if not bool(decided.all()):\n        terms = x64.movedim(dim, -1)\n",
+                "    if False:\n        terms = x64.movedim(dim, -1)\n",
+            )
+        ],
+        [f"{MATMUL_TESTS}::test_sum_near_midpoints_and_empty"],
+    ),
+    Mutant(
+        "reference-exact-sums-skip-the-exact-step",  # what the compensated sum leaves keeps its float64 rounding
+        [
+            Edit(
+                "python/reprolora/numerics/exact.py",
+                '    if len(undecided):\n        FALLBACKS["exact"] += len(undecided)\n',
+                '    if False:\n        FALLBACKS["exact"] += len(undecided)\n',
+            )
+        ],
+        [f"{MATMUL_TESTS}::test_near_midpoints_take_the_fallback_and_come_out_exact"],
+    ),
+    Mutant(
+        "reference-exp-skips-the-fallback",
+        [
+            Edit(
+                "python/reprolora/numerics/pointwise.py",
+                '    return _fill_undecided(x, rounded, ~decided & ~nan, "exp")\n',
+                "    return rounded\n",
+            )
+        ],
+        ["tests/test_numerics_pointwise.py::test_hard_cases_take_the_fallback_and_are_right[exp-hard0]"],
     ),
 ]
 

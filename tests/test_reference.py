@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from reprolora.data.dataset import Tokenized
 from reprolora.models import tiny
-from reprolora.models.reference import Decoder
+from reprolora.models.reference import Decoder, Lora, scalar
+from reprolora.numerics import random as counter_random
+from reprolora.numerics.exact import exact_sum, round_to_float32
 from reprolora.training import reference
 
 
@@ -67,6 +70,41 @@ def test_loss_and_lora_gradients_match_transformers(family, tmp_path):
     for lora, d_a, d_b in zip(loras, grads[0::2], grads[1::2], strict=True):
         for ours, theirs in ((d_a, lora.A.grad), (d_b, lora.B.grad)):
             assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), lora.name
+
+
+def exact_product(a: torch.Tensor, b: torch.Tensor) -> list[list[float]]:
+    """a @ b, each element the float32 nearest the exact sum of its products (numerics.matmul's definition)."""
+    rows, cols = a.double().tolist(), b.double().t().tolist()
+    return [[round_to_float32(exact_sum([x * y for x, y in zip(r, c, strict=True)])) for c in cols] for r in rows]
+
+
+def test_a_passes_lora_rows_are_the_exact_products_rounded(tmp_path):
+    """The rows a pass hands back for the LoRA gradients are correctly rounded products of each other and the LoRA
+    weights: u = x A^T and du = (dy * scaling) B, element for element the float32 nearest the exact dot product."""
+    decoder = Decoder(peft_model("llama", tmp_path / "model", ["q_proj", "o_proj", "down_proj"]))
+    ids, lengths, targets = reference.packed(examples([6, 9], seed=5))
+    with torch.no_grad():
+        _, rows = decoder.loss_and_backward(ids, lengths, targets, None)
+    assert len(rows) == 6
+    for lora in decoder.loras:
+        r = rows[lora.name]
+        assert r.u.tolist() == exact_product(r.x, lora.A.detach().t()), lora.name
+        assert r.du.tolist() == exact_product(r.scaled_dy, lora.B.detach()), lora.name
+
+
+def test_a_passes_dropout_masks_are_keyed_by_seed_step_layer_example_and_position():
+    """Each row's mask is numerics.random.dropout_mask's for (seed, step, layer) at the row's example and position:
+    the same whichever pass holds the example and whatever else that pass holds."""
+    job = SimpleNamespace(config=SimpleNamespace(seed=42))
+    lora = Lora("model.layers.1.self_attn.v_proj", torch.zeros(4, 48), torch.zeros(16, 4), scalar(2.0), 0.25)
+    together = reference.dropout_for(job, 3, [7, 2], [5, 4])(lora, torch.ones(9, 48))
+    examples_of_rows = torch.tensor([7] * 5 + [2] * 4)
+    positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3])
+    expected = counter_random.dropout_mask(0.25, (42, 3, lora.name), examples_of_rows, positions, 48)
+    assert torch.equal(together, expected)
+    assert 0 < int((together == 0).sum()) < together.numel()
+    alone = reference.dropout_for(job, 3, [2], [4])(lora, torch.ones(4, 48))
+    assert torch.equal(alone, together[5:])
 
 
 def step_bytes(decoder: Decoder, items: list[Tokenized], passes: list[list[int]]) -> bytes:
