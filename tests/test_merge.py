@@ -294,3 +294,32 @@ def test_layout_reproduces_the_default_models_own_gguf():
         fields = {key for key, _, _ in export_gguf._default_gguf_tokenizer()}
         assert fields == {name for name in reader.fields if name.startswith("tokenizer.")}
         del reader
+
+
+@pytest.mark.slow
+def test_reference_merge_folds_each_delta_by_its_definition(train_tiny, tiny_base_model: Path, tmp_path: Path):
+    """Under `reference` each merged weight is W + (B A) * scaling with B A correctly rounded (the float32 nearest
+    the exact dot product), then one float32 multiply and add; the reference decoder answers the golden probes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from reprolora.numerics.exact import exact_sum, round_to_float32
+
+    adapter, out = tmp_path / "adapter", tmp_path / "merged"
+    train_tiny(adapter, "--set", "profile=reference", "--set", "train.max_steps=2")
+    run_cli("merge", str(adapter), "--base-model", str(tiny_base_model), "-o", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["merge"]["method"] == "reference merge_lora"
+    assert manifest["merge"]["probe_tokens_equal"] is True
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    base = load_file(str(tiny_base_model / "model.safetensors"))
+    merged = load_file(str(out / "model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = torch.tensor(config["lora_alpha"] / config["r"], dtype=torch.float32)
+    name = "model.layers.1.self_attn.v_proj"
+    a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
+    rows, cols = b.double().tolist(), a.double().t().tolist()
+    product = [[round_to_float32(exact_sum([x * y for x, y in zip(r, c, strict=True)])) for c in cols] for r in rows]
+    expected = base[f"{name}.weight"] + torch.tensor(product, dtype=torch.float32) * scaling
+    assert bool((b != 0).any())  # trained: the delta is not zero
+    assert torch.equal(merged[f"{name}.weight"], expected)

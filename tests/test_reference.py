@@ -201,12 +201,18 @@ def reference_run(
     }
 
 
+@pytest.fixture(scope="module")
+def first_reference_run(tmp_path_factory, tiny_base_model, tiny_dataset) -> dict[str, object]:
+    """The tiny job at the defaults, once for the tests that compare other runs with it."""
+    return reference_run(tmp_path_factory.mktemp("reference"), "base", tiny_base_model, tiny_dataset)
+
+
 @pytest.mark.slow
-def test_reference_bytes_depend_on_the_job_alone(tmp_path, tiny_base_model, tiny_dataset):
+def test_reference_bytes_depend_on_the_job_alone(tmp_path, tiny_base_model, tiny_dataset, first_reference_run):
     """One set of bytes at 1, 2 and 4 threads, micro-batches of 1, 2 and 4, world sizes 1, 2 and 3, and whatever
     ATEN_CPU_CAPABILITY says (the reference profile pins none of these)."""
     args = (tiny_base_model, tiny_dataset)
-    first = reference_run(tmp_path, "base", *args)
+    first = first_reference_run
     variations = {
         "threads-1": dict(threads=1),
         "threads-4": dict(threads=4),
@@ -227,7 +233,9 @@ OLDEST = Path(__file__).resolve().parents[1] / ".venv-oldest" / "bin" / "python"
 
 
 @pytest.mark.slow
-def test_reference_bytes_are_the_same_with_the_oldest_supported_versions(tmp_path, tiny_base_model, tiny_dataset):
+def test_reference_bytes_are_the_same_with_the_oldest_supported_versions(
+    tmp_path, tiny_base_model, tiny_dataset, request
+):
     """The venv of pyproject's lower bounds (.ci/run's .venv-oldest: transformers 4.56, peft 0.17, safetensors
     0.4.3, numpy 1.26) against this one: the same weights, losses, eval and probes. adapter_config.json is peft's
     LoraConfig of each version (other fields), so it is not compared."""
@@ -236,7 +244,7 @@ def test_reference_bytes_are_the_same_with_the_oldest_supported_versions(tmp_pat
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    here = reference_run(tmp_path, "here", tiny_base_model, tiny_dataset)
+    here = dict(request.getfixturevalue("first_reference_run"))
     oldest = reference_run(tmp_path, "oldest", tiny_base_model, tiny_dataset, python=str(OLDEST))
     del here["adapter_config.json"], oldest["adapter_config.json"]
     assert oldest == here

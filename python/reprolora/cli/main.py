@@ -137,7 +137,8 @@ COMMANDS = (
         run.cmd_merge,
         "fold an adapter into its base model: one Hugging Face model folder",
         "Write OUT: the base model with the LoRA deltas folded into its weights (PEFT's merge_and_unload, float32, "
-        "the adapter's pins), its config and tokenizer, and a manifest naming the adapter's manifest sha256. "
+        "the adapter's pins; under profile reference, B A correctly rounded), its config and tokenizer, and a "
+        "manifest naming the adapter's manifest sha256. "
         "transformers loads it with no PEFT. Prints how far its logits are from the adapter's.",
         (ADAPTER, option("-o", "--output", required=True, help="folder to write (must not exist)"), BASE_MODEL),
     ),

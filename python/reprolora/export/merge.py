@@ -1,9 +1,12 @@
 """`reprolora merge`: base model + adapter as one Hugging Face model folder that transformers loads with no PEFT.
 
 The LoRA deltas are folded into the base weights by PEFT's own `merge_and_unload` (W + scale * B @ A in float32),
-under the adapter's determinism pins, so two merges give the same bytes. The weights are written as canonical
-safetensors (sorted names, one metadata key, no tied duplicate), the base model's other files (config,
-tokenizer) are copied byte for byte, and a manifest names every file's sha256 and the adapter's manifest sha256.
+under the adapter's determinism pins, so two merges give the same bytes. Under profile `reference` the fold is
+reprolora.models.reference.merge_lora (B @ A correctly rounded, then one float32 multiply and one add) and the
+probes' logits come from the reference decoder, so a merged folder has one set of bytes on every machine. The
+weights are written as canonical safetensors (sorted names, one metadata key, no tied duplicate), the base model's
+other files (config, tokenizer) are copied byte for byte, and a manifest names every file's sha256 and the
+adapter's manifest sha256.
 
 A merged model does not compute what the adapter applied on the fly computes: x @ (W + s B A) rounds differently
 from x @ W + s (x @ A) @ B. `merge` measures by how much, on the golden probes, and records it.
@@ -53,17 +56,23 @@ def write_manifest(folder: Path, body: dict[str, Any]) -> None:
     write_file(folder / manifest_file.FILENAME, canonical_json({**body, "format": FORMAT, "files": files}))
 
 
-def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]]) -> list[Any]:
-    """The logits of each probe's prompt followed by its recorded answer, in one forward pass each."""
+def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]], reference: bool) -> list[Any]:
+    """The logits of each probe's prompt followed by its recorded answer, in one forward pass each (by the reference
+    decoder when `reference`)."""
     import torch
 
     from reprolora.data.dataset import prompt_ids
+    from reprolora.models.reference import Decoder
 
+    decoder = Decoder(causal_lm) if reference else None
     result = []
     with torch.inference_mode():
         for probe in probes:
             ids = prompt_ids(tokenizer, [{"role": "user", "content": probe["prompt"]}]) + probe["token_ids"]
-            result.append(causal_lm(input_ids=torch.tensor([ids])).logits[0].float())
+            if decoder is not None:
+                result.append(decoder.logits(decoder.hidden(torch.tensor(ids), [len(ids)])))
+            else:
+                result.append(causal_lm(input_ids=torch.tensor([ids])).logits[0].float())
     return result
 
 
@@ -83,15 +92,17 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
 
     from reprolora.decoding.generate import greedy
     from reprolora.models.loading import load_model_and_tokenizer, toolchain
+    from reprolora.models.reference import merge_lora
 
     base, tokenizer = load_model_and_tokenizer(base_folder)
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     peft_model.eval()
     probes = manifest.get("probes", {}).get("results", [])
-    on_the_fly = probe_logits(peft_model.get_base_model(), tokenizer, probes)
-    merged = peft_model.merge_and_unload()
+    reference = recorded.pins.profile == "reference"
+    on_the_fly = probe_logits(peft_model.get_base_model(), tokenizer, probes, reference)
+    merged = merge_lora(peft_model) if reference else peft_model.merge_and_unload()
     merged.eval()
-    folded = probe_logits(merged, tokenizer, probes)
+    folded = probe_logits(merged, tokenizer, probes, reference)
     max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
     same_tokens = all(
         greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
@@ -128,7 +139,11 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
                     "files": manifest["files"],
                 },
                 "base_model": manifest["inputs"]["base_model"],
-                "merge": {"method": "peft merge_and_unload", "dtype": "float32", **measured},
+                "merge": {
+                    "method": "reference merge_lora" if reference else "peft merge_and_unload",
+                    "dtype": "float32",
+                    **measured,
+                },
                 "pins": pins.describe(),
                 "toolchain": toolchain(),
             },

@@ -450,3 +450,18 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     rows = torch.arange(len(targets))
     grad[rows, targets] = grad[rows, targets] - 1
     return losses, grad
+
+
+# ----------------------------------------------------------------------------------------------------- merge
+
+
+def merge_lora(peft_model: Any) -> Any:
+    """The base model with each LoRA layer folded into its weight, in place: W + (B A) * scaling, the product
+    correctly rounded, then one float32 multiply and one float32 add (peft's merge, every number defined)."""
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                base = getattr(module, "base_layer", module)
+                product = matmul(module.lora_B["default"].weight.detach(), module.lora_A["default"].weight.detach())
+                base.weight.copy_(base.weight + product * scalar(module.scaling["default"]))
+    return peft_model.unload()
