@@ -313,3 +313,38 @@ def test_bench_infer_quick_runs(tiny_adapter: Path, tiny_base_model: Path) -> No
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory bandwidth" in result.stdout and "serve:" in result.stdout, result.stdout
     assert "identical to alone: yes" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_reference_engine_answers_as_the_training_forward_alone_batched_or_guessing(family_models, family) -> None:
+    """Under `reference` each step's logits are, bit for bit, the reference decoder's forward over the whole
+    sequence at that position (the one training and the golden probes run), whatever else the step holds and
+    whether idle rows guess."""
+    from reprolora.decoding.reference import ReferenceEngine
+    from reprolora.models.reference import Decoder
+
+    model, tokenizer = family_models(family)
+    ids = ids_of(tokenizer, PROMPTS[4] + " " + PROMPTS[7])  # crosses a cache block and Mistral's window of 64
+    plain = ReferenceEngine(model, tokenizer, guess=False)
+    sequence = generate.Sequence(ids, 24, [], None)
+    assert len(ids) + 24 > 64
+    with torch.inference_mode():
+        logits = [plain._prefill(sequence)[0]]
+        tokens = [int(torch.argmax(logits[-1]))]
+        while len(tokens) < 24:
+            logits.append(plain._decode([(sequence, tokens[-1], sequence.length)])[0])
+            sequence.length += 1
+            tokens.append(int(torch.argmax(logits[-1])))
+        decoder = Decoder(model)
+        everything = ids + tokens[:-1]
+        whole = decoder.logits(decoder.hidden(torch.tensor(everything), [len(everything)]))[len(ids) - 1 :]
+    assert torch.equal(torch.stack(logits), whole)
+
+    assert decode_alone(plain, ids, 12).token_ids == tokens[:12]
+    want = {p: decode_alone(plain, ids_of(tokenizer, p), 12) for p in PROMPTS[:5]}
+    batched = ReferenceEngine(model, tokenizer)  # guessing in its idle rows
+    sequences = {p: batched.start(ids_of(tokenizer, p), 12) for p in want}
+    while any(not s.done for s in sequences.values()):
+        batched.step([s for s in sequences.values() if not s.done])
+    assert {p: s.completion() for p, s in sequences.items()} == want
+    assert batched.guessed > 0
