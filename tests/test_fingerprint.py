@@ -55,3 +55,21 @@ def test_against_the_adapter_built_here_and_one_built_elsewhere(tiny_adapter, tm
 def test_against_a_missing_folder_is_exit_2(tmp_path):
     result = run_cli("fingerprint", "--against", str(tmp_path / "nope"), check=False)
     assert result.returncode == 2 and "adapter folder not found" in result.stderr
+
+
+def test_against_a_reference_adapter_does_not_count_the_machine(tiny_adapter, tmp_path):
+    """A `reference` adapter built on another machine, BLAS, thread count and torch: a rebuild here should give its
+    bytes; another transformers is named, since it could tokenize otherwise."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_adapter, elsewhere)
+    manifest = json.loads((elsewhere / "manifest.json").read_text())
+    manifest["pins"].update(profile="reference", machine="aarch64", blas="openblas", threads=7)
+    manifest["toolchain"].update(torch="2.10.0", transformers="4.56.0")
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest))
+    report = json.loads(run_cli("fingerprint", "--json", "--against", str(elsewhere)).stdout)
+    assert report["pins"]["profile"] == "reference"  # the adapter's pins
+    assert report["against"]["same"] and report["against"]["reasons"] == []
+    verdict = report["against"]["verdict"]
+    assert "profile reference depends on the job alone" in verdict and "transformers" in verdict
+    assert "4.56.0 there" in verdict
+    assert not any(w.startswith("BLAS is") for w in report["warnings"])

@@ -146,7 +146,7 @@ def collect() -> dict[str, Any]:
     if profile == "native":
         warnings.append(
             f"profile native: these bytes hold only on CPUs where torch runs at {pinned_capability} with "
-            f'the same BLAS path; profile = "portable" gives bytes shared across x86-64 CPUs'
+            f'the same BLAS path; profile = "reference" gives bytes that depend on the job alone'
         )
     if profile == "portable-fast":
         warnings.append(
@@ -161,7 +161,7 @@ def collect() -> dict[str, Any]:
                 f"this CPU lacks {', '.join(missing)}, which the {profile} profile's kernels need: "
                 f"its bytes can't be reproduced here"
             )
-    if chip["machine"] == "x86_64" and libs["blas"] != "mkl":
+    if chip["machine"] == "x86_64" and libs["blas"] != "mkl" and profile != "reference":
         warnings.append(
             f"BLAS is {libs['blas']}, not MKL: the x86-64 pins were measured with MKL; bytes built "
             f"with MKL (the PyPI torch) will differ from this torch's"
@@ -186,6 +186,8 @@ def collect() -> dict[str, Any]:
 
 def against(report: dict[str, Any], recorded: manifest.Manifest) -> dict[str, Any]:
     """Whether a rebuild here should give the bytes of the adapter whose manifest is `recorded`, and if not, why."""
+    if recorded.pins.profile == "reference":
+        return against_reference(report, recorded)
     reasons = []
     here_pins, there_pins = report["pins"], recorded.pins.to_dict()
     for key in ("machine", "cpu_capability", "blas", "profile", "threads"):
@@ -209,6 +211,25 @@ def against(report: dict[str, Any], recorded: manifest.Manifest) -> dict[str, An
             f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         )
     return {"same": same, "verdict": verdict, "reasons": reasons}
+
+
+def against_reference(report: dict[str, Any], recorded: manifest.Manifest) -> dict[str, Any]:
+    """Profile `reference` defines every number by mathematics: the CPU, BLAS, threads and torch version do not
+    count (fingerprint applies the adapter's own pins, so the profile is the same). The tokenizer's output does:
+    transformers and tokenizers turn the dataset's text into ids, which only a rebuild shows, so their versions are
+    named in the verdict rather than counted as reasons."""
+    verdict = (
+        "a rebuild here should give the adapter's bytes: profile reference depends on the job alone, not on "
+        "this CPU, BLAS, thread count or torch version"
+    )
+    tokenizing = [
+        f"{name} {report['toolchain'].get(name) or 'absent'} here, {recorded.toolchain.get(name) or 'absent'} there"
+        for name in ("transformers", "tokenizers")
+        if report["toolchain"].get(name) != recorded.toolchain.get(name)
+    ]
+    if tokenizing:
+        verdict += f" (if {'; '.join(tokenizing)} tokenize the dataset alike)"
+    return {"same": True, "verdict": verdict, "reasons": []}
 
 
 def render(report: dict[str, Any]) -> str:
