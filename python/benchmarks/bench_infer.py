@@ -8,7 +8,9 @@ rows left empty (no guesses: one token a step). All run under the adapter's dete
 applies before torch loads, so the comparison is between the decoding paths. Reported: tokens/s over a full answer
 (tokenizing the prompt included), first-token latency (a run with one new token: prompt in, first token out), the
 median over rounds of plain generate's time / reprolora's time (the speed-up; target >= 2), and how many tokens
-a decoding step gave and how many guesses were right.
+a decoding step gave and how many guesses were right. For an adapter of profile `reference` (decoded by the
+reference engine), the native engine over the same weights runs too, as the baseline of `reference / native
+decoding time R`.
 
 Part 2, the bound: the memory bandwidth measured here (best of summing a large tensor), the weight bytes one
 decoding step reads, and what they allow: bandwidth / bytes = tokens/s at best for one request; and how much of it
@@ -90,7 +92,9 @@ def bench_decoding(
     from reprolora.decoding import generate
 
     engine = generate.engine_for(model.causal_lm, model.tokenizer)
-    one_a_step = generate.Engine(model.causal_lm, model.tokenizer, guess=False)
+    one_a_step = type(engine)(model.causal_lm, model.tokenizer, guess=False)
+    # A `reference` adapter decodes with the reference engine; the native engine over the same weights is its baseline.
+    native = generate.Engine(model.causal_lm, model.tokenizer) if type(engine) is not generate.Engine else None
 
     def ours(n: int) -> list[int]:
         return infer.complete(model, prompt, n).token_ids
@@ -101,14 +105,22 @@ def bench_decoding(
             one_a_step.step([sequence])
         return sequence.generated
 
+    def native_engine(n: int) -> list[int]:
+        sequence = native.start(generate.request_ids(model.tokenizer, prompt), n)
+        while not sequence.done:
+            native.step([sequence])
+        return sequence.generated
+
     def timed(fn: Any, n: int) -> tuple[float, list[int]]:
         tick = time.perf_counter()
         ids = fn(n)
         return time.perf_counter() - tick, ids
 
-    for fn in (ours, ours_one_a_step, plain_generate):  # warm-up: first calls pay for lazy initialisation
-        fn(2)
     paths = [("reprolora", ours), ("one_a_step", ours_one_a_step), ("plain", plain_generate)]
+    if native is not None:
+        paths.append(("native_engine", native_engine))
+    for _, fn in paths:  # warm-up: first calls pay for lazy initialisation
+        fn(2)
     times: dict[str, dict[str, list[float]]] = {name: {"full": [], "first": []} for name, _ in paths}
     tokens: dict[str, list[int]] = {}
     for repeat in range(repeats):
@@ -157,6 +169,9 @@ def bench_decoding(
         result[f"speedup_{kind}"] = median([b / a for a, b in pairs])  # plain's time / reprolora's time
         pairs = zip(times["reprolora"][kind], times["one_a_step"][kind], strict=True)
         result[f"guess_speedup_{kind}"] = median([b / a for a, b in pairs])
+        if native is not None:  # reference / native decoding time
+            pairs = zip(times["reprolora"][kind], times["native_engine"][kind], strict=True)
+            result[f"reference_over_native_{kind}"] = median([a / b for a, b in pairs])
     result["bound"] = bandwidth_bound(model.causal_lm)
     result["bound"]["reached"] = result["reprolora"]["tokens_per_s"] / result["bound"]["tokens_per_s"]
     result["plain_serial"] = plain_serially(plain_generate, serve_jobs, serve_max_tokens)
@@ -365,6 +380,11 @@ def main() -> None:
         f"speed-up over plain generate, median of paired runs (target >= 2): per token {d['speedup_full']:.2f}x, "
         f"first token {d['speedup_first']:.2f}x; same tokens: {'yes' if d['same_tokens'] else 'NO'}"
     )
+    if "reference_over_native_full" in d:
+        print(
+            f"reference / native decoding time R (the native engine over the same weights, median of paired runs): "
+            f"per token {d['reference_over_native_full']:.1f}, first token {d['reference_over_native_first']:.1f}"
+        )
     g = d["guessing"]
     print(
         f"guesses in idle rows: {g['tokens']} tokens in {g['steps']} decoding steps "
