@@ -58,7 +58,7 @@ DIFF_TESTS = "tests/test_diff.py"
 THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
 MATMUL = "python/reprolora/numerics/matmul.py"
 MATMUL_TESTS = "tests/test_numerics_matmul.py"
-REFERENCE_MODEL = "python/reprolora/models/reference.py"
+REFERENCE_LAYERS = "python/reprolora/models/reference_layers.py"
 REFERENCE_TRAINING = "python/reprolora/training/reference.py"
 REFERENCE_TESTS = "tests/test_reference.py"
 
@@ -405,7 +405,7 @@ MUTANTS = [
         "reference-torch-matmul-in-one-layer",  # LoRA's A product by torch's float32 BLAS, not correctly rounded
         [
             Edit(
-                REFERENCE_MODEL,
+                REFERENCE_LAYERS,
                 "    u = matmul(xd, lora.A.detach().t())\n",
                 "    u = torch.matmul(xd, lora.A.detach().t())\n",
             )

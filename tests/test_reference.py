@@ -16,7 +16,8 @@ import torch
 
 from reprolora.data.dataset import Tokenized
 from reprolora.models import tiny
-from reprolora.models.reference import Decoder, Lora, scalar
+from reprolora.models.reference import Decoder
+from reprolora.models.reference_layers import Lora, scalar
 from reprolora.numerics import random as counter_random
 from reprolora.numerics.exact import exact_sum, round_to_float32
 from reprolora.training import reference

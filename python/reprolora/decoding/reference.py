@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from reprolora.decoding.generate import Engine, Sequence
-from reprolora.models.reference import Decoder, attention, attention_mask, linear_forward, rms_norm, rotary
+from reprolora.models.reference import Decoder
+from reprolora.models.reference_layers import attention, attention_mask, linear_forward, rms_norm, rotary
 from reprolora.numerics.pointwise import sigmoid
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from reprolora.data.dataset import IGNORE, Tokenized
-from reprolora.models.reference import Decoder, Lora, LoraRows, scalar
+from reprolora.models.reference import Decoder
+from reprolora.models.reference_layers import Lora, LoraRows, scalar
 from reprolora.numerics import random as counter_random
 from reprolora.numerics.matmul import matmul
 from reprolora.numerics.optim import AdamW, learning_rate
