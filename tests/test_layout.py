@@ -73,3 +73,9 @@ def test_architecture_doc_names_every_module():
     subpackages = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
     stale = sorted(path for path in named if path.split("/")[0] in subpackages and not (PACKAGE / path).is_file())
     assert stale == [], f"docs/architecture.md names modules that do not exist: {stale}"
+
+
+def test_readme_stays_a_five_minute_read():
+    """README.md is for users, at most 250 lines (issue 22); the rest lives in docs/."""
+    lines = (PACKAGE.parent.parent / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail to docs/"
