@@ -166,7 +166,7 @@ WITHOUT_ONE_PIN = textwrap.dedent("""
     from reprolora.cli.main import main
     from reprolora.core import pins
     for isa in pins._PROFILE_ISA.values():
-        del isa[sys.argv[1]]
+        isa.pop(sys.argv[1], None)  # reference sets none of them
     sys.exit(main(sys.argv[2:]))
 """)
 
