@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from reprolora.numerics import pointwise
-from reprolora.numerics.exact import round_to_float32
+from reprolora.numerics.exact import midpoint_distance, round_to_float32
 
 HARD_EXP = [  # input, then its result's distance to a midpoint relative to the result
     "0x1.62b6660000000p+1",  # 6.359e-16
@@ -74,17 +74,6 @@ def oracle(name: str, x: float) -> float:
     low, high = round_to_float32(value - slack), round_to_float32(value + slack)
     assert low == high, (name, x)
     return low
-
-
-def midpoint_distance(value: Fraction) -> float:
-    """|value - nearest float32 midpoint| / |value| for a value in float32's normal range."""
-    magnitude = abs(value)
-    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
-    if Fraction(2) ** exponent > magnitude:
-        exponent -= 1
-    quantum = Fraction(2) ** (exponent - 23)
-    offset = magnitude / quantum - int(magnitude / quantum)
-    return float(abs(offset - Fraction(1, 2)) * quantum / magnitude)
 
 
 def random_floats(count: int, seed: int) -> torch.Tensor:

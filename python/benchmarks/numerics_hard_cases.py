@@ -17,6 +17,7 @@ import mpmath
 import torch
 
 from reprolora.numerics import pointwise
+from reprolora.numerics.exact import midpoint_distance as exact_midpoint_distance
 from reprolora.numerics.exact import round_float64_interval
 
 
@@ -43,13 +44,7 @@ def midpoint_distance(name: str, x: float) -> float:
     with mpmath.workprec(256):
         value = getattr(mpmath, name)(mpmath.mpf(x))
         exact = Fraction(int(value.man)) * Fraction(2) ** int(value.exp) * (1 if value >= 0 else -1)
-    magnitude = abs(exact)
-    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
-    if Fraction(2) ** exponent > magnitude:
-        exponent -= 1
-    quantum = Fraction(2) ** (exponent - 23)
-    offset = magnitude / quantum - int(magnitude / quantum)
-    return float(abs(offset - Fraction(1, 2)) * quantum / magnitude)
+    return exact_midpoint_distance(exact)
 
 
 def main() -> None:

@@ -147,6 +147,18 @@ def exact_sum(values: list[float]) -> Fraction:
     return Fraction(sum(n << (top - s) for n, s in zip(numerators, shifts, strict=True)), 1 << top)
 
 
+def midpoint_distance(value: Fraction) -> float:
+    """|value - nearest float32 rounding midpoint| / |value|, for a nonzero value in float32's normal range: how
+    close an exact result lies to a rounding boundary (the hard cases of the tests and benchmarks/)."""
+    magnitude = abs(value)
+    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
+    if Fraction(2) ** exponent > magnitude:
+        exponent -= 1
+    quantum = Fraction(2) ** (exponent - MANTISSA_BITS + 1)
+    offset = magnitude / quantum - int(magnitude / quantum)
+    return float(abs(offset - Fraction(1, 2)) * quantum / magnitude)
+
+
 def gamma(n: int) -> float:
     """Higham's gamma_n = n u / (1 - n u), u = 2^-53: the relative bound on any float64 sum of n terms, rounded up."""
     if n >= 1 << 40:
