@@ -160,3 +160,27 @@ def test_resume_refuses_a_checkpoint_of_another_job(
     if change != "damaged":
         assert "checkpoint of another job, refusing to resume" in last
     assert not out.exists()
+
+
+def test_tokens_per_second_after_a_resume_counts_only_the_steps_this_process_ran(monkeypatch):
+    """Resumed at step 2 of 4, the printed rate is the tokens of steps 2 and 3 over their seconds: the steps before
+    the resume ran in another process, whose time this one never measured."""
+    from types import SimpleNamespace
+
+    from reprolora.training import train
+
+    clock = iter(range(100))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))  # 1 s a call
+    tokens = {0: 100, 1: 200, 2: 300, 3: 500}
+    monkeypatch.setattr(train, "step_tokens", lambda job, step: tokens[step])
+
+    def one_step(job, state, world):
+        state.step += 1
+        state.loss_trace.append(1.0)
+
+    monkeypatch.setattr(train, "train_step", one_step)
+    job = SimpleNamespace(total_steps=4, epoch_of_step=[0] * 4)
+    state = SimpleNamespace(step=2, loss_trace=[1.0, 1.0])
+    rate = train.train(job, state, SimpleNamespace(is_main=True), False, Path("unused"), 0)
+    assert state.step == 4
+    assert rate == (300 + 500) / 2
