@@ -99,17 +99,18 @@ def bench_decoding(
     def ours(n: int) -> list[int]:
         return infer.complete(model, prompt, n).token_ids
 
-    def ours_one_a_step(n: int) -> list[int]:  # the same engine without guesses in its idle rows
-        sequence = one_a_step.start(generate.request_ids(model.tokenizer, prompt), n)
-        while not sequence.done:
-            one_a_step.step([sequence])
-        return sequence.generated
+    def decoded_by(decoder: generate.Engine) -> Any:
+        """The prompt's answer of `n` tokens, one `decoder.step` after another."""
 
-    def native_engine(n: int) -> list[int]:
-        sequence = native.start(generate.request_ids(model.tokenizer, prompt), n)
-        while not sequence.done:
-            native.step([sequence])
-        return sequence.generated
+        def answer(n: int) -> list[int]:
+            sequence = decoder.start(generate.request_ids(model.tokenizer, prompt), n)
+            while not sequence.done:
+                decoder.step([sequence])
+            return sequence.generated
+
+        return answer
+
+    ours_one_a_step = decoded_by(one_a_step)  # the same engine without guesses in its idle rows
 
     def timed(fn: Any, n: int) -> tuple[float, list[int]]:
         tick = time.perf_counter()
@@ -118,7 +119,7 @@ def bench_decoding(
 
     paths = [("reprolora", ours), ("one_a_step", ours_one_a_step), ("plain", plain_generate)]
     if native is not None:
-        paths.append(("native_engine", native_engine))
+        paths.append(("native_engine", decoded_by(native)))
     for _, fn in paths:  # warm-up: first calls pay for lazy initialisation
         fn(2)
     times: dict[str, dict[str, list[float]]] = {name: {"full": [], "first": []} for name, _ in paths}

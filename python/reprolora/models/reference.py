@@ -39,6 +39,7 @@ from reprolora.models.reference_layers import (
     linear_backward,
     linear_forward,
     linear_of,
+    lora_of,
     rms_norm,
     rms_norm_backward,
     rotary,
@@ -299,9 +300,9 @@ def merge_lora(peft_model: Any) -> Any:
     """The base model with each LoRA layer folded into its weight, in place: W + (B A) * scaling, the product
     correctly rounded, then one float32 multiply and one float32 add (peft's merge, every number defined)."""
     with torch.no_grad():
-        for module in peft_model.modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                base = getattr(module, "base_layer", module)
-                product = matmul(module.lora_B["default"].weight.detach(), module.lora_A["default"].weight.detach())
-                base.weight.copy_(base.weight + product * scalar(module.scaling["default"]))
+        for name, module in peft_model.named_modules():
+            lora = lora_of(module, name)
+            if lora is not None:
+                weight = module.base_layer.weight
+                weight.copy_(weight + matmul(lora.B.detach(), lora.A.detach()) * lora.scaling)
     return peft_model.unload()

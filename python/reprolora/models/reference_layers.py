@@ -58,22 +58,25 @@ class LoraRows:
     x: Tensor  # [tokens, in]: dropout(x)
 
 
+def lora_of(module: Any, name: str) -> Lora | None:
+    """The LoRA of a peft LoRA layer (its "default" adapter); None for a plain nn.Linear."""
+    if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+        return None
+    return Lora(
+        name,
+        module.lora_A["default"].weight,
+        module.lora_B["default"].weight,
+        scalar(module.scaling["default"]),
+        float(getattr(module.lora_dropout["default"], "p", 0.0)),
+    )
+
+
 def linear_of(module: Any, name: str) -> Linear:
     """A Linear from an nn.Linear, or from a peft LoRA layer wrapping one."""
     base = getattr(module, "base_layer", module)
-    lora = None
-    if hasattr(module, "lora_A") and "default" in module.lora_A:
-        dropout = module.lora_dropout["default"]
-        lora = Lora(
-            name,
-            module.lora_A["default"].weight,
-            module.lora_B["default"].weight,
-            scalar(module.scaling["default"]),
-            float(getattr(dropout, "p", 0.0)),
-        )
     weight = base.weight.detach()
     bias = base.bias.detach() if base.bias is not None else None
-    return Linear(weight, prepare(weight.t().contiguous()), prepare(weight), bias, lora)
+    return Linear(weight, prepare(weight.t().contiguous()), prepare(weight), bias, lora_of(module, name))
 
 
 Dropout = Callable[[Lora, Tensor], Tensor]  # (layer, x) -> the keep mask scaled by 1 / (1 - p), per element of x
