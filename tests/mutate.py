@@ -460,6 +460,33 @@ MUTANTS = [
         [f"{MATMUL_TESTS}::test_near_midpoints_take_the_fallback_and_come_out_exact"],
     ),
     Mutant(
+        "reference-merge-by-torch-matmul",  # B A by the float32 BLAS, not correctly rounded
+        [
+            Edit(
+                "python/reprolora/models/reference.py",
+                "weight.copy_(weight + matmul(lora.B.detach(), lora.A.detach()) * lora.scaling)",
+                "weight.copy_(weight + (lora.B.detach() @ lora.A.detach()) * lora.scaling)",
+            )
+        ],
+        ["tests/test_merge.py::test_reference_merge_folds_each_delta_by_its_definition"],
+    ),
+    Mutant(
+        "reference-merge-probes-by-torch",  # the merge's probe logits from torch's forward, not the reference decoder
+        [
+            Edit(
+                "python/reprolora/export/merge.py",
+                "decoder = Decoder(causal_lm) if reference else None",
+                "decoder = None",
+            )
+        ],
+        ["tests/test_merge.py::test_reference_merge_folds_each_delta_by_its_definition"],
+    ),
+    Mutant(
+        "reference-fingerprint-counts-the-machine",  # a reference adapter judged by the machine it was built on
+        [Edit("python/reprolora/audit/fingerprint.py", 'if recorded.pins.profile == "reference":\n', "if False:\n")],
+        ["tests/test_fingerprint.py::test_against_a_reference_adapter_does_not_count_the_machine"],
+    ),
+    Mutant(
         "reference-exp-skips-the-fallback",
         [
             Edit(

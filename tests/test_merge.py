@@ -299,11 +299,16 @@ def test_layout_reproduces_the_default_models_own_gguf():
 @pytest.mark.slow
 def test_reference_merge_folds_each_delta_by_its_definition(train_tiny, tiny_base_model: Path, tmp_path: Path):
     """Under `reference` each merged weight is W + (B A) * scaling with B A correctly rounded (the float32 nearest
-    the exact dot product), then one float32 multiply and add; the reference decoder answers the golden probes."""
+    the exact dot product), then one float32 multiply and add; the reference decoder answers the golden probes, and
+    the recorded logit difference is the reference decoder's, adapter against merged folder."""
     import torch
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from test_reference import exact_product
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reprolora.numerics.exact import exact_sum, round_to_float32
+    from reprolora.data.dataset import prompt_ids
+    from reprolora.models.reference import Decoder
 
     adapter, out = tmp_path / "adapter", tmp_path / "merged"
     train_tiny(adapter, "--set", "profile=reference", "--set", "train.max_steps=2")
@@ -318,8 +323,22 @@ def test_reference_merge_folds_each_delta_by_its_definition(train_tiny, tiny_bas
     scaling = torch.tensor(config["lora_alpha"] / config["r"], dtype=torch.float32)
     name = "model.layers.1.self_attn.v_proj"
     a, b = lora[f"base_model.model.{name}.lora_A.weight"], lora[f"base_model.model.{name}.lora_B.weight"]
-    rows, cols = b.double().tolist(), a.double().t().tolist()
-    product = [[round_to_float32(exact_sum([x * y for x, y in zip(r, c, strict=True)])) for c in cols] for r in rows]
-    expected = base[f"{name}.weight"] + torch.tensor(product, dtype=torch.float32) * scaling
+    expected = base[f"{name}.weight"] + torch.tensor(exact_product(b, a), dtype=torch.float32) * scaling
     assert bool((b != 0).any())  # trained: the delta is not zero
     assert torch.equal(merged[f"{name}.weight"], expected)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32)
+    decoders = [
+        Decoder(PeftModel.from_pretrained(base_model, str(adapter))),
+        Decoder(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)),
+    ]
+    differences = []
+    with torch.no_grad():
+        for probe in json.loads((adapter / "manifest.json").read_text())["probes"]["results"]:
+            ids = torch.tensor(
+                prompt_ids(tokenizer, [{"role": "user", "content": probe["prompt"]}]) + probe["token_ids"]
+            )
+            on_the_fly, folded = (d.logits(d.hidden(ids, [len(ids)])) for d in decoders)
+            differences.append(float((on_the_fly - folded).abs().max()))
+    assert manifest["merge"]["max_abs_logit_difference"] == max(differences)
