@@ -54,3 +54,11 @@ def test_bench_train_quick_prints_every_row_and_column():
     assert re.search(r"^model FLOPs of the job: [\d.]+ TFLOP", out, re.MULTILINE), out
     assert re.search(r"^fp32 matmul ceiling at the job's shapes .*: [\d.]+ GFLOP/s$", out, re.MULTILINE), out
     assert re.search(r"^aten::mm\s+[\d.]+\s+[\d.]+%\s+\d+$", out, re.MULTILINE), out  # the profiler's table
+
+
+def test_bench_reference_step_counts_the_fallbacks_and_profiles_a_step(tiny_model):
+    out = run_benchmark("bench_reference_step.py", "--steps", "2", "--base-model", str(tiny_model))
+    counted = re.search(r"^matmul: ([\d,]+) of ([\d,]+) product elements undecided", out, re.MULTILINE)
+    assert counted and int(counted[2].replace(",", "")) > 0, out
+    assert re.search(r"^step 2 under cProfile: [\d.]+ s$", out, re.MULTILINE), out
+    assert "numerics/matmul.py" in out, out  # the profile names the reference numerics
