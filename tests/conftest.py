@@ -28,17 +28,39 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def cli_command(*args: str) -> list[str]:
+    """The command line of `python -m reprolora ARGS`, for a process to start."""
+    return [sys.executable, "-m", "reprolora", *args]
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """`python -m reprolora ARGS` in a fresh process."""
     full_env = {**os.environ, **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "reprolora", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=900
-    )
+    result = subprocess.run(cli_command(*args), env=full_env, cwd=cwd, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"reprolora {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def train_args(
+    config: Path | str, model: Path | str, data: Path | str, out: Path, *extra: str, quiet: bool = True
+) -> list[str]:
+    """`reprolora train`'s arguments: the job `config` of `model` on `data`, written to `out`; `-q` unless told."""
+    return [
+        "train",
+        *(["-q"] if quiet else []),
+        "-c",
+        str(config),
+        "--base-model",
+        str(model),
+        "--dataset",
+        str(data),
+        "-o",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -48,21 +70,7 @@ def train_tiny(tiny_base_model: Path, tiny_dataset: Path, tiny_config: Path):
     def train(
         out: Path, *extra: str, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess:
-        return run_cli(
-            "train",
-            "-q",
-            "-c",
-            str(tiny_config),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(out),
-            *extra,
-            env=env,
-            cwd=cwd,
-        )
+        return run_cli(*train_args(tiny_config, tiny_base_model, tiny_dataset, out, *extra), env=env, cwd=cwd)
 
     return train
 

@@ -14,7 +14,7 @@ import pytest
 from reprolora.audit import diff
 
 import tiny
-from conftest import run_cli
+from conftest import run_cli, train_args
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +25,7 @@ def train_variant(tiny_base_model, tiny_dataset, tmp_path_factory):
         assert old in tiny.CONFIG
         folder = tmp_path_factory.mktemp("variant")
         (folder / "job.toml").write_text(tiny.CONFIG.replace(old, new))
-        run_cli(
-            "train",
-            "-q",
-            "-c",
-            str(folder / "job.toml"),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(folder / "adapter"),
-        )
+        run_cli(*train_args(folder / "job.toml", tiny_base_model, tiny_dataset, folder / "adapter"))
         return folder / "adapter"
 
     return train

@@ -5,10 +5,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from test_train import file_bytes
+
+from conftest import train_args
 
 
 def torchrun(*args: str) -> subprocess.Popen:
@@ -26,23 +27,6 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
-def train_args(config: Path, model: Path, data: Path, out: Path) -> list[str]:
-    return [
-        "-m",
-        "reprolora",
-        "train",
-        "-q",
-        "-c",
-        str(config),
-        "--base-model",
-        str(model),
-        "--dataset",
-        str(data),
-        "-o",
-        str(out),
-    ]
-
-
 @pytest.mark.parametrize("nproc", [2, 3, 4])
 def test_world_size_gives_the_single_process_bytes(
     nproc, tiny_adapter, tiny_config, tiny_base_model, tiny_dataset, tmp_path
@@ -52,7 +36,12 @@ def test_world_size_gives_the_single_process_bytes(
     out = tmp_path / "adapter"
     finish(
         torchrun(
-            "--standalone", "--nproc-per-node", str(nproc), *train_args(tiny_config, tiny_base_model, tiny_dataset, out)
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "reprolora",
+            *train_args(tiny_config, tiny_base_model, tiny_dataset, out),
         )
     )
     assert file_bytes(out) == file_bytes(tiny_adapter)
@@ -84,6 +73,8 @@ def test_two_nodes_give_the_single_process_bytes(tiny_adapter, tiny_config, tiny
             *rendezvous,
             "--node-rank",
             str(rank),
+            "-m",
+            "reprolora",
             *train_args(tiny_config, tiny_base_model, tiny_dataset, tmp_path / f"node{rank}" / "adapter"),
         )
         for rank in range(2)

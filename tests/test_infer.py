@@ -7,14 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from reprolora.core.canonical import canonical_json, file_entry
 
-from conftest import run_cli
+from conftest import cli_command, run_cli
 
 PROMPT = "Why pin seeds?"
 
@@ -54,17 +53,7 @@ def test_prompt_from_argument_file_and_stdin_agree(tiny_adapter: Path, tiny_base
     prompt_file.write_text(PROMPT + "\n")  # the newline an editor adds is not part of the prompt
     from_file = infer(tiny_adapter, tiny_base_model, "--file", str(prompt_file), "-n", "6").stdout
     from_stdin = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reprolora",
-            "infer",
-            str(tiny_adapter),
-            "--base-model",
-            str(tiny_base_model),
-            "-n",
-            "6",
-        ],
+        cli_command("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "-n", "6"),
         input=PROMPT + "\n",
         capture_output=True,
         text=True,
@@ -78,16 +67,7 @@ def test_prompt_from_argument_file_and_stdin_agree(tiny_adapter: Path, tiny_base
 
 def test_check_alone_reads_no_stdin(tiny_adapter: Path, tiny_base_model: Path) -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "reprolora",
-            "infer",
-            str(tiny_adapter),
-            "--base-model",
-            str(tiny_base_model),
-            "--check",
-        ],
+        cli_command("infer", str(tiny_adapter), "--base-model", str(tiny_base_model), "--check"),
         stdin=subprocess.PIPE,
         capture_output=True,
         text=True,
@@ -110,21 +90,28 @@ def test_changed_byte_in_weights_is_refused(tiny_adapter: Path, tiny_base_model:
     assert "refusing to load" in result.stderr
 
 
+def rehashed_copy_with_a_weight_nudged(adapter: Path, tmp_path: Path, nudge: float) -> Path:
+    """A copy of `adapter` with one value of the last layer's v_proj update moved by `nudge`, and the manifest
+    re-hashed to match: every hash holds."""
+    from safetensors.torch import load_file, save_file
+
+    copy = copy_adapter(adapter, tmp_path)
+    weights = copy / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(n for n in tensors if "lora_B" in n and "v_proj" in n)[-1]
+    tensors[name][0, 0] += nudge
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["adapter_model.safetensors"] = file_entry(weights)
+    (copy / "manifest.json").write_bytes(canonical_json(manifest))
+    return copy
+
+
 def test_changed_weight_with_rewritten_manifest_fails_the_probes(
     tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
 ) -> None:
     """Someone edits a weight and re-hashes the manifest: every hash holds, the golden probes must not."""
-    from safetensors.torch import load_file, save_file
-
-    adapter = copy_adapter(tiny_adapter, tmp_path)
-    weights = adapter / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    name = sorted(n for n in tensors if "lora_B" in n and "v_proj" in n)[-1]
-    tensors[name][0, 0] += 20.0  # one value of the last layer's v_proj update, enough to change a token
-    save_file(tensors, str(weights), metadata={"format": "pt"})
-    manifest = json.loads((adapter / "manifest.json").read_text())
-    manifest["files"]["adapter_model.safetensors"] = file_entry(weights)
-    (adapter / "manifest.json").write_bytes(canonical_json(manifest))
+    adapter = rehashed_copy_with_a_weight_nudged(tiny_adapter, tmp_path, 20.0)  # enough to change a token
     assert run_cli("verify", str(adapter)).returncode == 0
 
     result = infer(adapter, tiny_base_model, "--check", "--json", check=False)
@@ -144,17 +131,8 @@ def test_logits_that_change_under_the_same_tokens_fail_the_check(
     tiny_adapter: Path, tiny_base_model: Path, tmp_path: Path
 ) -> None:
     """A weight nudged too little to flip any argmax, the manifest re-hashed: only the logits hash can tell."""
-    from safetensors.torch import load_file, save_file
-
-    adapter = copy_adapter(tiny_adapter, tmp_path)
-    weights = adapter / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    name = sorted(n for n in tensors if "lora_B" in n and "v_proj" in n)[-1]
-    tensors[name][0, 0] += 1e-4
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    adapter = rehashed_copy_with_a_weight_nudged(tiny_adapter, tmp_path, 1e-4)
     manifest = json.loads((adapter / "manifest.json").read_text())
-    manifest["files"]["adapter_model.safetensors"] = file_entry(weights)
-    (adapter / "manifest.json").write_bytes(canonical_json(manifest))
 
     result = infer(adapter, tiny_base_model, "--check", "--json", PROMPT, "-n", "8", check=False)
     assert result.returncode == 1, result.stderr

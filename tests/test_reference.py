@@ -22,6 +22,8 @@ from reprolora.numerics import random as counter_random
 from reprolora.numerics.exact import exact_sum, round_to_float32
 from reprolora.training import reference
 
+from conftest import train_args
+
 
 def peft_model(family: str, folder: Path, targets: list[str]):
     from peft import LoraConfig, get_peft_model
@@ -169,20 +171,7 @@ def reference_run(
     config = tmp_path / f"{name}.toml"
     config.write_text(REFERENCE_JOB.format(threads=threads, micro_batch=micro_batch))
     out = tmp_path / name
-    train = [
-        "-m",
-        "reprolora",
-        "train",
-        "-q",
-        "-c",
-        str(config),
-        "--base-model",
-        str(model),
-        "--dataset",
-        str(data),
-        "-o",
-        str(out),
-    ]
+    train = ["-m", "reprolora", *train_args(config, model, data, out)]
     launcher = (
         [python]
         if nproc == 1

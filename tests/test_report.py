@@ -11,25 +11,14 @@ from pathlib import Path
 import pytest
 
 import tiny
-from conftest import run_cli
+from conftest import run_cli, train_args
 
 
 @pytest.fixture(scope="module")
 def other_seed(tiny_base_model, tiny_dataset, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("seed7")
     (folder / "job.toml").write_text(tiny.CONFIG.replace("seed = 42", "seed = 7"))
-    run_cli(
-        "train",
-        "-q",
-        "-c",
-        str(folder / "job.toml"),
-        "--base-model",
-        str(tiny_base_model),
-        "--dataset",
-        str(tiny_dataset),
-        "-o",
-        str(folder / "adapter"),
-    )
+    run_cli(*train_args(folder / "job.toml", tiny_base_model, tiny_dataset, folder / "adapter"))
     return folder / "adapter"
 
 

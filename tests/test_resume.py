@@ -7,37 +7,17 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from test_train import file_bytes
 
-from conftest import run_cli
-
-
-def train_command(config: Path, model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "reprolora",
-        "train",
-        "-q",
-        "-c",
-        str(config),
-        "--base-model",
-        str(model),
-        "--dataset",
-        str(data),
-        "-o",
-        str(out),
-        *extra,
-    ]
+from conftest import cli_command, run_cli, train_args
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(
-    tiny_adapter, tiny_config, tiny_base_model, tiny_dataset, tmp_path
+    tiny_adapter, train_tiny, tiny_config, tiny_base_model, tiny_dataset, tmp_path
 ):
     total = json.loads((tiny_adapter / "manifest.json").read_text())["metrics"]["steps"]
     kill_after = random.randrange(1, total - 1)
@@ -45,7 +25,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(
     out = tmp_path / "adapter"
     checkpoints = tmp_path / "adapter.checkpoints"
     process = subprocess.Popen(
-        train_command(tiny_config, tiny_base_model, tiny_dataset, out, "--checkpoint-every", "1"),
+        cli_command(*train_args(tiny_config, tiny_base_model, tiny_dataset, out, "--checkpoint-every", "1")),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -61,21 +41,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_bytes(
     saved = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-"))
     assert saved[0] == "step-000001" and f"step-{kill_after:06d}" in saved
 
-    result = run_cli(
-        "train",
-        "-q",
-        "-c",
-        str(tiny_config),
-        "--base-model",
-        str(tiny_base_model),
-        "--dataset",
-        str(tiny_dataset),
-        "-o",
-        str(out),
-        "--checkpoint-every",
-        "1",
-        "--resume",
-    )
+    result = train_tiny(out, "--checkpoint-every", "1", "--resume")
     resumed_from = int(saved[-1].removeprefix("step-"))
     assert f"resuming from {checkpoints / saved[-1]} (step {resumed_from} of {total})" in result.stderr
     assert file_bytes(out) == file_bytes(tiny_adapter)
@@ -140,20 +106,7 @@ def test_resume_refuses_a_checkpoint_of_another_job(
         blob = bytearray(tensors.read_bytes())
         blob[-1] ^= 1
         tensors.write_bytes(bytes(blob))
-    result = run_cli(
-        "train",
-        "-q",
-        "-c",
-        str(config),
-        "--base-model",
-        str(model),
-        "--dataset",
-        str(data),
-        "-o",
-        str(out),
-        "--resume",
-        check=False,
-    )
+    result = run_cli(*train_args(config, model, data, out, "--resume"), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("reprolora: error: ") and message in last, last

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, train_args
 
 # The profiles whose bytes hold at any thread count (portable-fast is x86-64 only: MKL's AVX2 branch).
 THREAD_INVARIANT = ["native"] + (["portable-fast"] if platform.machine() == "x86_64" else [])
@@ -27,14 +27,19 @@ REDUCTIONS = textwrap.dedent("""
 """)
 
 
-def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
-    # 100,003 elements: a power of two (65,536) happens to split on the cascade sum's own block boundaries.
-    by_threads = {
+def printed_at_each_thread_count(script: str, *args: str) -> dict[int, str]:
+    """What `script THREADS ARGS` prints at 1, 2 and 4 threads (stripped), each run in a fresh process."""
+    return {
         threads: subprocess.run(
-            [sys.executable, "-c", REDUCTIONS, str(threads)], capture_output=True, text=True, check=True, timeout=300
-        ).stdout.split()
+            [sys.executable, "-c", script, str(threads), *args], capture_output=True, text=True, check=True, timeout=300
+        ).stdout.strip()
         for threads in (1, 2, 4)
     }
+
+
+def test_plain_sum_splits_by_thread_and_the_steps_reductions_do_not():
+    # 100,003 elements: a power of two (65,536) happens to split on the cascade sum's own block boundaries.
+    by_threads = {threads: printed.split() for threads, printed in printed_at_each_thread_count(REDUCTIONS).items()}
     assert len({values[0] for values in by_threads.values()}) > 1  # a plain sum() splits: what the step avoids
     assert len({tuple(values[1:]) for values in by_threads.values()}) == 1
 
@@ -64,16 +69,7 @@ PRODUCTS = textwrap.dedent("""
 
 @pytest.mark.parametrize("profile", THREAD_INVARIANT)
 def test_matrix_products_do_not_change_with_the_thread_count(profile):
-    by_threads = {
-        threads: subprocess.run(
-            [sys.executable, "-c", PRODUCTS, str(threads), profile],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        ).stdout.strip()
-        for threads in (1, 2, 4)
-    }
+    by_threads = printed_at_each_thread_count(PRODUCTS, profile)
     assert len(set(by_threads.values())) == 1, by_threads
 
 
@@ -91,18 +87,7 @@ def test_the_tiny_job_gives_the_same_adapter_at_one_and_two_threads(profile, tmp
         )
         config.write_text(f'profile = "{profile}"\n' + job)
         out = tmp_path / f"threads-{threads}"
-        run_cli(
-            "train",
-            "-q",
-            "-c",
-            str(config),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(out),
-        )
+        run_cli(*train_args(config, tiny_base_model, tiny_dataset, out))
         adapters[threads] = [(out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")]
         probes[threads] = json.loads((out / "manifest.json").read_text())["probes"]
     assert adapters[1] == adapters[2]
@@ -143,14 +128,5 @@ DECODER_PRODUCTS = textwrap.dedent("""
 
 @pytest.mark.parametrize("profile", THREAD_INVARIANT)
 def test_the_decoders_linear_layers_do_not_change_with_the_thread_count(profile):
-    by_threads = {
-        threads: subprocess.run(
-            [sys.executable, "-c", DECODER_PRODUCTS, str(threads), profile],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        ).stdout.strip()
-        for threads in (1, 2, 4)
-    }
+    by_threads = printed_at_each_thread_count(DECODER_PRODUCTS, profile)
     assert len(set(by_threads.values())) == 1, by_threads

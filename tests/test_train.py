@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_command, run_cli, train_args
 
 OUTPUTS = ("README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json")
 
@@ -183,16 +183,7 @@ def test_cpu_capability_perturbation_changes_the_bytes_without_its_pin(
             "-c",
             WITHOUT_ONE_PIN,
             "ATEN_CPU_CAPABILITY",
-            "train",
-            "-q",
-            "-c",
-            str(tiny_config),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(out),
+            *train_args(tiny_config, tiny_base_model, tiny_dataset, out),
         ],
         env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
         capture_output=True,
@@ -282,18 +273,7 @@ def test_portable_profile_gives_its_own_reproducible_bytes(tmp_path, tiny_adapte
     config = tmp_path / "portable.toml"
     config.write_text('profile = "portable"\n' + tiny.CONFIG)
     for name in ("a", "b"):
-        run_cli(
-            "train",
-            "-q",
-            "-c",
-            str(config),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(tmp_path / name),
-        )
+        run_cli(*train_args(config, tiny_base_model, tiny_dataset, tmp_path / name))
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     pins = json.loads((tmp_path / "a" / "manifest.json").read_text())["pins"]
     if pins["machine"] == "x86_64":
@@ -467,7 +447,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(
         config = str(tmp_path / "c.toml")
     elif case == "output-exists":
         out.mkdir()
-    result = run_cli("train", "-q", "-c", config, "--base-model", model, "--dataset", data, "-o", str(out), check=False)
+    result = run_cli(*train_args(config, model, data, out), check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("reprolora: error: ") and message in lines[-1], result.stderr[-2000:]
@@ -481,20 +461,7 @@ def test_ctrl_c_leaves_no_output(tmp_path, tiny_base_model, tiny_dataset):
     config.write_text("[train]\nmax_steps = 100000\n[dataset]\nmax_seq_len = 64\n")
     out = tmp_path / "outs" / "adapter"
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reprolora",
-            "train",
-            "-c",
-            str(config),
-            "--base-model",
-            str(tiny_base_model),
-            "--dataset",
-            str(tiny_dataset),
-            "-o",
-            str(out),
-        ],
+        cli_command(*train_args(config, tiny_base_model, tiny_dataset, out, quiet=False)),
         stderr=subprocess.PIPE,
         text=True,
         # As from a terminal: a shell that starts pytest in the background (no job control) leaves SIGINT
