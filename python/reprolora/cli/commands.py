@@ -35,6 +35,11 @@ def _report_overrides() -> None:
         )
 
 
+def _print_wrote(output: Path | str, *details: str) -> None:
+    """The summary line of a command that wrote `output`: what it wrote, then each detail, `|` between them."""
+    print(" | ".join([f"reprolora: wrote {output}", *details]))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = _job_config(args)
     pins.apply(config.profile, config.threads)
@@ -49,10 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     m = result.metrics
-    print(
-        f"reprolora: wrote {result.folder} | eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
-        f"(perplexity {m['eval_perplexity_before']:.2f} -> {m['eval_perplexity_after']:.2f}) | "
-        f"{m['steps']} steps, {result.tokens_per_second:.0f} tokens/s, {result.seconds:.1f} s"
+    _print_wrote(
+        result.folder,
+        f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
+        f"(perplexity {m['eval_perplexity_before']:.2f} -> {m['eval_perplexity_after']:.2f})",
+        f"{m['steps']} steps, {result.tokens_per_second:.0f} tokens/s, {result.seconds:.1f} s",
     )
     return 0
 
@@ -100,10 +106,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from reprolora.export import merge
 
     measured = merge.merge(Path(args.adapter), Path(args.output), Path(args.base_model) if args.base_model else None)
-    print(
-        f"reprolora: wrote {args.output} | {measured['probes']} golden probes: greedy tokens "
+    _print_wrote(
+        args.output,
+        f"{measured['probes']} golden probes: greedy tokens "
         f"{'identical' if measured['probe_tokens_equal'] else 'DIFFER'} to the adapter's; logits differ from the "
-        f"adapter applied on the fly by at most {measured['max_abs_logit_difference']:.3g} (merging rounds differently)"
+        f"adapter applied on the fly by at most {measured['max_abs_logit_difference']:.3g} "
+        "(merging rounds differently)",
     )
     return 0
 

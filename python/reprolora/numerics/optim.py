@@ -149,13 +149,11 @@ def _bias_scalars(lr: Fraction, beta1: float, beta2: float, t: int) -> tuple[flo
     return results[0], results[1]
 
 
-class AdamW:
-    """AdamW (decoupled weight decay, bias-corrected moments; torch.optim.AdamW's semantics) whose update is a
-    written-out sequence of single IEEE float32 operations.
-
-    State: `params` (the float32 parameters, updated in place), `exp_avg` and `exp_avg_sq` (the moments, float32
-    tensors shaped like them, updated in place), `steps` (the number of steps taken; shared by every parameter).
-    training/checkpoint.py saves and restores exactly these.
+class AdamWState:
+    """What an AdamW keeps, this module's and training/optim.py's alike: `params` (the parameters, updated in
+    place), `exp_avg` and `exp_avg_sq` (the moments, tensors shaped like them, updated in place), `steps` (the
+    number of steps taken; shared by every parameter), and the hyperparameters as floats (their exact binary values
+    are what AdamW.scalars rounds from). training/checkpoint.py saves and restores exactly the tensors and steps.
     """
 
     def __init__(
@@ -165,6 +163,27 @@ class AdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
+        self.check_arguments(params, betas, eps)
+        self.params = params
+        self.weight_decay, self.betas, self.eps = float(weight_decay), (float(betas[0]), float(betas[1])), float(eps)
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    def check_arguments(self, params: list[torch.nn.Parameter], betas: tuple[float, float], eps: float) -> None:
+        """Refuse arguments this optimizer cannot step with, before anything is allocated (here: none)."""
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+
+class AdamW(AdamWState):
+    """AdamW (decoupled weight decay, bias-corrected moments; torch.optim.AdamW's semantics) whose update is a
+    written-out sequence of single IEEE float32 operations, on float32 parameters (state: AdamWState's).
+    """
+
+    def check_arguments(self, params: list[torch.nn.Parameter], betas: tuple[float, float], eps: float) -> None:
         for param in params:
             if param.dtype != torch.float32:
                 raise TypeError(f"numerics.AdamW: expects float32 parameters, got {param.dtype}")
@@ -173,11 +192,6 @@ class AdamW:
                 raise ValueError(f"numerics.AdamW: betas must lie in [0, 1), got {betas}")
         if not eps >= 0.0:
             raise ValueError(f"numerics.AdamW: eps must be >= 0, got {eps}")
-        self.params = params
-        self.weight_decay, self.betas, self.eps = float(weight_decay), (float(betas[0]), float(betas[1])), float(eps)
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
 
     def scalars(self, lr: float, t: int) -> dict[str, float]:
         """The float32 scalars of step number t (1-based) at learning rate lr, each the float32 nearest (ties to
@@ -235,7 +249,3 @@ class AdamW:
             exp_avg_sq.add_((grad * grad) * s["one_minus_beta2"])
             denom = sqrt(exp_avg_sq / torch.full_like(exp_avg_sq, s["bias_correction2"])) + s["eps"]
             param.sub_((exp_avg / denom) * s["step_size"])
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None

@@ -6,28 +6,17 @@ import math
 
 import torch
 
+from reprolora.numerics.optim import AdamWState
 
-class AdamW:
+
+class AdamW(AdamWState):
     """AdamW (decoupled weight decay, bias-corrected moments) built from elementwise ops that give the same bits
-    on every CPU for a given instruction set.
+    on every CPU for a given instruction set (state: numerics.optim.AdamWState's, which checkpoints save).
 
     torch.optim.AdamW takes its square root from MKL's vector math library on MKL builds of torch, and that
     square root gives different bits on Intel and AMD CPUs, even with MKL_CBWR=COMPATIBLE (measured). rsqrt and
     division are ATen's own kernels, exact IEEE operations.
     """
-
-    def __init__(
-        self,
-        params: list[torch.nn.Parameter],
-        weight_decay: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
-        self.params = params
-        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -43,10 +32,6 @@ class AdamW:
             # sqrt(v_hat) as 1 / rsqrt(v_hat); rsqrt(0) = inf gives 0, as sqrt(0) would.
             denom = torch.ones_like(exp_avg_sq).div_(torch.rsqrt(exp_avg_sq / bias_correction2)).add_(self.eps)
             param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-
-    def zero_grad(self) -> None:
-        for param in self.params:
-            param.grad = None
 
 
 def learning_rate(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
