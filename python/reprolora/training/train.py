@@ -2,8 +2,7 @@
 
 Reads top to bottom:
 - setup: resolve and hash the inputs, build the model and its adapter, plan every step's micro-batches;
-- the step (reprolora.training.step): a function of the training state and the micro-batches it is given;
-- the loop: steps, checkpoints, progress;
+- the loop: steps (each one reprolora.training.step.train_step), checkpoints, progress;
 - the end: eval, golden probes, the manifest, and the folder published atomically.
 
 The plan fixes every step's micro-batches, and the step adds their gradients in micro-batch order: that is what
