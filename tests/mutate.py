@@ -54,6 +54,7 @@ FINGERPRINT_PORTABLE_FAST = (
     f"{TRAIN_TESTS}::test_fingerprint_reports_the_pinned_process_whatever_the_user_set[portable-fast]"
 )
 DIFF = "python/reprolora/audit/diff.py"
+TENSOR_DIFF = "python/reprolora/audit/tensor_diff.py"
 DIFF_TESTS = "tests/test_diff.py"
 THREAD_PINS = "    env.update({name: str(threads) for name in _THREAD_VARS})\n"
 MATMUL = "python/reprolora/numerics/matmul.py"
@@ -326,7 +327,7 @@ MUTANTS = [
     # Issue 9: diff's statistics and verdict.
     Mutant(
         "diff-ulp-ignores-sign",
-        [Edit(DIFF, "    return np.where(sign == 1, -magnitude, magnitude)", "    return magnitude")],
+        [Edit(TENSOR_DIFF, "    return np.where(sign == 1, -magnitude, magnitude)", "    return magnitude")],
         [f"{DIFF_TESTS}::test_tensor_statistics_count_ulps"],
     ),
     Mutant(

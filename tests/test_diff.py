@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reprolora.audit import diff
+from reprolora.audit import diff, tensor_diff
 
 import tiny
 from conftest import run_cli, train_args
@@ -157,14 +157,14 @@ def _f32(values: list[float]) -> tuple[str, list[int], bytes]:
 
 def test_tensor_statistics_count_ulps():
     one_ulp = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
-    same = diff.compare_tensor("f", "t", _f32([1.0, 2.0]), _f32([1.0, 2.0]))
+    same = tensor_diff.compare_tensor("f", "t", _f32([1.0, 2.0]), _f32([1.0, 2.0]))
     assert same.status == "identical" and same.elements == 2
-    t = diff.compare_tensor("f", "t", _f32([1.0, 2.0, -0.0, 3.0]), _f32([one_ulp, 2.0, 0.0, -3.0]))
+    t = tensor_diff.compare_tensor("f", "t", _f32([1.0, 2.0, -0.0, 3.0]), _f32([one_ulp, 2.0, 0.0, -3.0]))
     assert t.status == "differs" and t.differing == 3 and t.elements == 4
     assert t.max_abs == 6.0 and t.max_rel == 2.0
     # 1.0 -> next float is 1 ULP, -0 -> +0 is 0 ULPs (different bits, same value), 3 -> -3 spans both signs.
     assert t.max_ulp == 2 * struct.unpack("<i", struct.pack("<f", 3.0))[0]
-    assert diff.compare_tensor("f", "t", _f32([1.0]), _f32([1.0, 2.0])).status == "shape"
+    assert tensor_diff.compare_tensor("f", "t", _f32([1.0]), _f32([1.0, 2.0])).status == "shape"
 
 
 def test_another_profile_names_the_isa_pin_it_moved():
@@ -187,4 +187,5 @@ def test_another_profile_names_the_isa_pin_it_moved():
 
 def test_tensors_are_listed_in_layer_order():
     names = ["layers.10.q", "layers.2.v", "layers.2.q", "layers.1.q", "embed"]
-    assert sorted(names, key=diff.natural_order) == ["embed", "layers.1.q", "layers.2.q", "layers.2.v", "layers.10.q"]
+    in_order = ["embed", "layers.1.q", "layers.2.q", "layers.2.v", "layers.10.q"]
+    assert sorted(names, key=tensor_diff.natural_order) == in_order

@@ -49,7 +49,8 @@ def test_two_merges_give_the_same_bytes_and_a_manifest(
         assert (folder / name).read_bytes() == (tiny_base_model / name).read_bytes()
     from reprolora.export import merge
 
-    assert merge.read_manifest(folder)["format"] == "reprolora-merged/1"  # and every file's hash holds
+    assert manifest["format"] == "reprolora-merged/1"
+    merge.read_manifest(folder)  # every file's hash holds
     measured = manifest["merge"]
     assert measured["probe_tokens_equal"] is True
     assert f"{measured['max_abs_logit_difference']:.3g}" in printed  # the tolerance is measured and printed
@@ -179,7 +180,7 @@ def test_gguf_reads_back_as_the_merged_weights(merged, dtype: str, tmp_path: Pat
 
 
 def test_gguf_export_refuses_other_families_and_unmerged_folders(merged, tiny_adapter: Path, tmp_path: Path):
-    from reprolora.export import merge
+    from reprolora.core import manifest
 
     folder, _ = merged
     refused = run_cli("export-gguf", str(tiny_adapter), "-o", str(tmp_path / "a.gguf"), check=False)
@@ -188,9 +189,7 @@ def test_gguf_export_refuses_other_families_and_unmerged_folders(merged, tiny_ad
     shutil.copytree(folder, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
-    manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").unlink()
-    merge.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "files")})
+    manifest.write(other, manifest.read_merged(other))  # the changed config.json hashed again
     refused = run_cli("export-gguf", str(other), "-o", str(tmp_path / "b.gguf"), check=False)
     assert refused.returncode == 2 and "only the Llama family" in refused.stderr and not (tmp_path / "b.gguf").exists()
 

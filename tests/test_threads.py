@@ -21,9 +21,9 @@ REDUCTIONS = textwrap.dedent("""
     from reprolora.core import pins
     pins.apply("native", int(sys.argv[1]))
     import torch
-    from reprolora.training import train
+    from reprolora.training.step import chunked_sum, grad_norm
     values = torch.randn(100003, generator=torch.Generator().manual_seed(0))
-    print(values.sum().item(), train.chunked_sum(values).item(), train.grad_norm(values, [100003]).item())
+    print(values.sum().item(), chunked_sum(values).item(), grad_norm(values, [100003]).item())
 """)
 
 

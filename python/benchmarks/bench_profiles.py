@@ -24,6 +24,7 @@ profile, base_dir = sys.argv[1], sys.argv[2]
 pins.apply(profile, 2)
 from reprolora.models import base_model
 from reprolora.training import train
+from reprolora.training.step import micro_batch_gradient
 from reprolora.core import config as config_module
 base = config_module.load(None)
 config = dataclasses.replace(base, profile=profile, base_model=dataclasses.replace(
@@ -32,10 +33,10 @@ job = train.setup(config)
 state = train.initial_state(job)
 job.causal_lm.train()
 micro_batches = [mb for step in job.plan[:2] for mb in step]
-train.micro_batch_gradient(job, state, 0, micro_batches[0])  # warm-up
+micro_batch_gradient(job, state, 0, micro_batches[0])  # warm-up
 started = time.perf_counter()
 for index, mb in enumerate(micro_batches):
-    train.micro_batch_gradient(job, state, index, mb)
+    micro_batch_gradient(job, state, index, mb)
 print(json.dumps({"seconds": time.perf_counter() - started, "micro_batches": len(micro_batches)}))
 """
 

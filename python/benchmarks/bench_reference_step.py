@@ -31,6 +31,7 @@ def main() -> None:
     from reprolora.core import config
     from reprolora.numerics import exact, matmul
     from reprolora.training import distributed, train
+    from reprolora.training.step import train_step
 
     overrides = ["profile=reference", f"train.max_steps={args.steps}"]
     if args.base_model:
@@ -38,10 +39,10 @@ def main() -> None:
     job = train.setup(config.with_overrides(config.load(None), overrides))
     state, world = train.initial_state(job), distributed.world()
     for _ in range(args.steps - 1):
-        train.train_step(job, state, world)
+        train_step(job, state, world)
     profile = cProfile.Profile()
     tick = time.perf_counter()
-    profile.runcall(train.train_step, job, state, world)
+    profile.runcall(train_step, job, state, world)
     seconds = time.perf_counter() - tick
 
     elements, undecided = matmul.FALLBACKS["elements"], matmul.FALLBACKS["undecided"]

@@ -89,12 +89,12 @@ def child_reprolora(args: dict[str, Any]) -> dict[str, Any]:
     result = train.run(
         job_config(args["base"], args["profile"], args["threads"], args["max_steps"]), Path(args["out"]), progress=False
     )
-    tokens = result.metrics["train_tokens"]
+    tokens = result.metrics.train_tokens
     return {
         "wall_s": time.perf_counter() - start,
         "train_s": tokens / result.tokens_per_second,
         "train_tokens": tokens,
-        "steps": result.metrics["steps"],
+        "steps": result.metrics.steps,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -264,11 +264,12 @@ def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from reprolora.training import distributed, train
+    from reprolora.training.step import labelled_tokens, train_step
 
     job = train.setup(job_config(args["base"], "native", args["threads"], args["max_steps"]))
     model, config = job.causal_lm, job.causal_lm.config
     examples = [i for step in job.plan for micro_batch in step for i in micro_batch]
-    sizes = [(len(job.encoded[i].input_ids), train.labelled_tokens(job.encoded[i])) for i in examples]
+    sizes = [(len(job.encoded[i].input_ids), labelled_tokens(job.encoded[i])) for i in examples]
 
     flops: dict[str, float] = {}
     with torch.no_grad():
@@ -291,13 +292,13 @@ def child_analysis(args: dict[str, Any]) -> dict[str, Any]:
     # Where the time goes: a warm-up step, then a few steps under the profiler.
     state = train.initial_state(job)
     world = distributed.world()
-    train.train_step(job, state, world)
+    train_step(job, state, world)
     steps = min(PROFILE_STEPS, job.total_steps - 1)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            train.train_step(job, state, world)
+            train_step(job, state, world)
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total_us = sum(e.self_cpu_time_total for e in events)
     ops = sorted(((e.key, e.self_cpu_time_total, e.count) for e in events), key=lambda e: -e[1])

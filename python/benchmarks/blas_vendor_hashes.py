@@ -69,6 +69,7 @@ profile, threads = sys.argv[1], int(sys.argv[2])
 pins.apply(profile, threads)
 from reprolora.models import base_model
 from reprolora.training import train
+from reprolora.training.step import micro_batch_gradient
 from reprolora.core import config as config_module
 defaults = config_module.load(None)
 config = dataclasses.replace(defaults, profile=profile, threads=threads, base_model=dataclasses.replace(
@@ -80,7 +81,7 @@ results = {}
 for step in range(2):
     state.step = step  # dropout's seed follows the step
     for index, examples in enumerate(job.plan[step]):
-        gradient = train.micro_batch_gradient(job, state, index, examples)
+        gradient = micro_batch_gradient(job, state, index, examples)
         results[f"step {step} micro-batch {index}"] = hashlib.sha256(gradient.numpy().tobytes()).hexdigest()
 print(json.dumps(results))
 """

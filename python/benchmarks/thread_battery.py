@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from reprolora.training import train
 from reprolora.training.optim import AdamW
+from reprolora.training.step import chunked_sum, grad_norm, micro_batch_gradient
 
 results = {}
 
@@ -74,7 +75,7 @@ for label, hidden, mlp, heads, kv, vocab in (("135M", 576, 1536, 9, 3, 49152), (
         run(f"{label} cross_entropy sum [{T}x{vocab}] fwd/bwd",
             fwd_bwd(lambda a: F.cross_entropy(a, targets, reduction="sum"), logits))
         run(f"{label} cross_entropy none + chunked_sum [{T}x{vocab}] fwd/bwd",
-            fwd_bwd(lambda a: train.chunked_sum(F.cross_entropy(a, targets, reduction="none")), logits))
+            fwd_bwd(lambda a: chunked_sum(F.cross_entropy(a, targets, reduction="none")), logits))
         run(f"{label} rmsnorm [{T}x{hidden}] fwd/bwd",
             fwd_bwd(lambda a: a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-5), x))
         q, k, v = rand(1, heads, T, hd, seed=10), rand(1, kv, T, hd, seed=11), rand(1, kv, T, hd, seed=12)
@@ -90,9 +91,9 @@ for n in (9216, 40960, 921600):
     g = rand(n, seed=14)
     run(f"sum() over {n}", lambda: [g.sum()])
     run(f"mean() over {n}", lambda: [g.mean()])
-    run(f"chunked_sum over {n}", lambda: [train.chunked_sum(g)])
+    run(f"chunked_sum over {n}", lambda: [chunked_sum(g)])
     run(f"vector_norm over {n}", lambda: [torch.linalg.vector_norm(g)])
-    run(f"grad_norm (chunked) over {n}", lambda: [train.grad_norm(g, [n])])
+    run(f"grad_norm (chunked) over {n}", lambda: [grad_norm(g, [n])])
     def adam():
         p = torch.nn.Parameter(rand(n, seed=15)); p.grad = g.clone()
         opt = AdamW([p], weight_decay=0.01)
@@ -117,7 +118,7 @@ for label, folder in (("tiny", tiny_dir), ("135M", base_dir)):
         state.optimizer = AdamW(list(state.params.values()), weight_decay=0.0)
         job.causal_lm.train()
         run(f"{label} model: gradient of micro-batch 0 (micro_batch_size {mb})",
-            lambda: [train.micro_batch_gradient(job, state, 0, job.plan[0][0])], repeat=1)
+            lambda: [micro_batch_gradient(job, state, 0, job.plan[0][0])], repeat=1)
 print(json.dumps(results))
 """
 

@@ -64,29 +64,23 @@ def statement(folder: Path) -> dict[str, Any]:
     problems = adapter.verify(folder)
     if problems:
         raise ReproloraError(f"{folder}/{problems[0]}; not attesting a folder that differs from its manifest")
-    manifest = manifest_file.read(folder).to_dict()
-    inputs = manifest.get("inputs", {})
-    base, data = inputs.get("base_model", {}), inputs.get("dataset", {})
-    if not isinstance(base.get("files"), dict) or "sha256" not in data or "config" not in inputs:
-        raise ReproloraError(f"{folder}/{manifest_file.FILENAME}: records no base model files, dataset or config")
+    recorded = manifest_file.read(folder)
+    base, data = recorded.inputs.base_model, recorded.inputs.dataset
     subjects = [
         {"name": name, "digest": {"sha256": sha256_file(folder / name)}}
-        for name in sorted([*manifest["files"], manifest_file.FILENAME])
+        for name in sorted([*recorded.files, manifest_file.FILENAME])
     ]
     dependencies = [
-        {"name": f"base_model/{name}", "digest": {"sha256": digest}} for name, digest in sorted(base["files"].items())
+        {"name": f"base_model/{name}", "digest": {"sha256": digest}} for name, digest in sorted(base.files.items())
     ]
-    if base["files"] == base_model.CONVERTED_SHA256:
+    if base.files == base_model.CONVERTED_SHA256:
         # The default model's folder is converted from a GGUF inside a PyPI wheel: name what it came from too.
         dependencies += [
             {"name": base_model.WHEEL_NAME, "uri": base_model.WHEEL_URL, "digest": {"sha256": base_model.WHEEL_SHA256}},
             {"name": base_model.GGUF_MEMBER, "digest": {"sha256": base_model.GGUF_SHA256}},
         ]
-    dependencies.append({"name": f"dataset/{data['name']}", "digest": {"sha256": data["sha256"]}})
-    library = {
-        "name": "reprolora",
-        "annotations": {"version": manifest.get("toolchain", {}).get("reprolora", __version__)},
-    }
+    dependencies.append({"name": f"dataset/{data.name}", "digest": {"sha256": data.sha256}})
+    library = {"name": "reprolora", "annotations": {"version": recorded.toolchain.get("reprolora", __version__)}}
     library["annotations"].update(_source_commit())
     dependencies.append(library)
     return {
@@ -96,8 +90,8 @@ def statement(folder: Path) -> dict[str, Any]:
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": {"config": inputs["config"]},
-                "internalParameters": {"pins": manifest.get("pins", {}), "toolchain": manifest.get("toolchain", {})},
+                "externalParameters": {"config": recorded.inputs.config},
+                "internalParameters": {"pins": recorded.pins.to_dict(), "toolchain": recorded.toolchain},
                 "resolvedDependencies": dependencies,
             },
             "runDetails": {"builder": {"id": BUILDER_ID, "version": {"reprolora": __version__}}},
@@ -264,8 +258,6 @@ def rebuild_problems(
 
     The inputs are checked against their attested sha256 first, so a wrong one fails at once, named.
     """
-    from reprolora.audit.card import config_toml
-
     build = statement_["predicate"]["buildDefinition"]
     config = json.loads(json.dumps(build["externalParameters"]["config"]))
     datasets = _dependency(statement_, "dataset/")
@@ -300,6 +292,13 @@ def rebuild_problems(
     else:
         base_model.check_folder(base_dir, base_files, label=f"{base_dir} (attested base model)")
         config["base_model"]["path"] = str(base_dir.resolve())
+    return _retrain(folder, statement_, config)
+
+
+def _retrain(folder: Path, statement_: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """`reprolora train` on `config` in a fresh process, and every subject of the statement compared with its output."""
+    from reprolora.audit.card import config_toml
+
     with tempfile.TemporaryDirectory(prefix="reprolora-rebuild-") as tmp:
         config_path = Path(tmp) / "config.toml"
         config_path.write_text(config_toml(config))

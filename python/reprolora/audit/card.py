@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from reprolora.core import adapter
 from reprolora.core import manifest as manifest_file
-from reprolora.core.canonical import canonical_json, file_entry, sha256_bytes, write_file
+from reprolora.core.canonical import sha256_bytes, write_file
 from reprolora.core.errors import ReproloraError
 from reprolora.models import base_model
 
@@ -51,8 +52,7 @@ def _toml_value(value: Any) -> str:
     raise ReproloraError(f"can't write {type(value).__name__} into a config file")
 
 
-def _front_matter(manifest: dict[str, Any]) -> str:
-    name = manifest["inputs"]["base_model"]["name"]
+def _front_matter(name: str) -> str:
     is_default = name == base_model.DEFAULT_NAME
     hub_id = DEFAULT_HUB_ID if is_default else name if HUB_ID.match(name) else None
     lines = ["---"]
@@ -85,25 +85,27 @@ def _code(text: str, language: str = "") -> str:
     return f"{fence}{language}\n{text.rstrip(chr(10))}\n{fence}"
 
 
-def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
-    """The card for a manifest `body` (inputs, metrics, probes, ...) and the adapter `files` it describes."""
-    inputs = body["inputs"]
-    base, data, config = inputs["base_model"], inputs["dataset"], inputs["config"]
-    metrics, toolchain, pins = body["metrics"], body["toolchain"], body["pins"]
-    lora = config["lora"]
+def render(recorded: manifest_file.Manifest, files: dict[str, manifest_file.FileEntry]) -> bytes:
+    """The card for the manifest `recorded` (its inputs, metrics, probes, ...) and the adapter `files` it describes."""
+    parts = _intro(recorded) + _inputs(recorded) + _results(recorded) + _files(files, recorded.toolchain)
+    return ("\n".join(parts + _rebuild(recorded)) + "\n").encode()
+
+
+def _is_default_base(recorded: manifest_file.Manifest) -> bool:
+    return recorded.inputs.base_model.name == base_model.DEFAULT_NAME
+
+
+def _intro(recorded: manifest_file.Manifest) -> list[str]:
+    lora = recorded.inputs.config["lora"]
     modules = lora["target_modules"]  # the resolved module names; a preset name if it was recorded unresolved
     modules_text = modules if isinstance(modules, str) else ", ".join(modules)
-    default_dataset = data["name"] == "default.jsonl"
-    default_base = base["name"] == base_model.DEFAULT_NAME
-    dataset_arg = "" if default_dataset else f" --dataset {data['name']}"
-    base_arg = "" if default_base else " --base-model BASE_MODEL_DIR"
-    parts = [
-        _front_matter(body),
+    return [
+        _front_matter(recorded.inputs.base_model.name),
         "",
-        f"# LoRA adapter for {base['name']}",
+        f"# LoRA adapter for {recorded.inputs.base_model.name}",
         "",
         f"A LoRA adapter (r={lora['r']}, alpha={lora['alpha']}, on {modules_text}) trained by "
-        f"reprolora {toolchain['reprolora']} on CPU. Every file of this folder "
+        f"reprolora {recorded.toolchain['reprolora']} on CPU. Every file of this folder "
         "has its sha256 in `manifest.json`, and retraining from the same inputs with the same toolchain gives the same "
         "bytes: the sections below say what those inputs were and how to check.",
         "",
@@ -111,7 +113,8 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "",
         _code(
             "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-            f'base = AutoModelForCausalLM.from_pretrained("{DEFAULT_HUB_ID if default_base else "BASE_MODEL_DIR"}")\n'
+            "base = AutoModelForCausalLM.from_pretrained("
+            f'"{DEFAULT_HUB_ID if _is_default_base(recorded) else "BASE_MODEL_DIR"}")\n'
             'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")',
             "python",
         ),
@@ -119,55 +122,66 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "Bit-for-bit answers need the very base-model bytes below (`reprolora infer ADAPTER_DIR --check` replays the "
         "golden probes to prove it).",
         "",
+    ]
+
+
+def _inputs(recorded: manifest_file.Manifest) -> list[str]:
+    base, data, pins = recorded.inputs.base_model, recorded.inputs.dataset, recorded.pins
+    return [
         "## Training inputs",
         "",
-        f"- **Base model**: {base['name']}",
-        f"- **Dataset**: `{data['name']}`, {data['examples']} examples ({len(data['train_indices'])} train, "
-        f"{len(data['eval_indices'])} held out for eval), sha256 `{data['sha256']}`",
-        f"- **Profile**: `{pins['profile']}`, {pins['threads']} threads, {pins['machine']}, CPU capability "
-        f"{pins['cpu_capability']}, BLAS {pins['blas']}",
+        f"- **Base model**: {base.name}",
+        f"- **Dataset**: `{data.name}`, {data.examples} examples ({len(data.train_indices)} train, "
+        f"{len(data.eval_indices)} held out for eval), sha256 `{data.sha256}`",
+        f"- **Profile**: `{pins.profile}`, {pins.threads} threads, {pins.machine}, CPU capability "
+        f"{pins.cpu_capability}, BLAS {pins.blas}",
         "",
-        _table([(f"`{n}`", f"`{h}`") for n, h in sorted(base["files"].items())], ("base-model file", "sha256")),
+        _table([(f"`{n}`", f"`{h}`") for n, h in sorted(base.files.items())], ("base-model file", "sha256")),
         "",
         "Config (`reprolora train -c` reads it back; `path` fields name inputs by file name only):",
         "",
-        _code(config_toml(config), "toml"),
+        _code(config_toml(recorded.inputs.config), "toml"),
         "",
+    ]
+
+
+def _results(recorded: manifest_file.Manifest) -> list[str]:
+    metrics = recorded.metrics
+    parts = [
         "## Results",
         "",
         _table(
             [
-                ("eval loss", f"{metrics['eval_loss_before']:.4f} → {metrics['eval_loss_after']:.4f}"),
-                (
-                    "eval perplexity",
-                    f"{metrics['eval_perplexity_before']:.2f} → {metrics['eval_perplexity_after']:.2f}",
-                ),
-                ("eval tokens", str(metrics["eval_tokens"])),
-                ("steps (epochs)", f"{metrics['steps']} ({metrics['epochs']})"),
-                ("train tokens", str(metrics["train_tokens"])),
-                ("trainable parameters", f"{metrics['trainable_parameters']:,}"),
-                ("loss trace sha256", f"`{body['loss_trace_sha256']}`"),
+                ("eval loss", f"{metrics.eval_loss_before:.4f} → {metrics.eval_loss_after:.4f}"),
+                ("eval perplexity", f"{metrics.eval_perplexity_before:.2f} → {metrics.eval_perplexity_after:.2f}"),
+                ("eval tokens", str(metrics.eval_tokens)),
+                ("steps (epochs)", f"{metrics.steps} ({metrics.epochs})"),
+                ("train tokens", str(metrics.train_tokens)),
+                ("trainable parameters", f"{metrics.trainable_parameters:,}"),
+                ("loss trace sha256", f"`{recorded.loss_trace_sha256}`"),
             ],
             ("measure", "value"),
         ),
         "",
-        f"Golden probes (greedy, at most {body['probes']['max_new_tokens']} new tokens):",
+        f"Golden probes (greedy, at most {recorded.probes.max_new_tokens} new tokens):",
         "",
     ]
-    for number, probe in enumerate(body["probes"]["results"], start=1):
+    for number, probe in enumerate(recorded.probes.results, start=1):
         parts += [
-            f"{number}. Prompt: {json.dumps(probe['prompt'], ensure_ascii=False)}; {len(probe['token_ids'])} tokens, "
-            f"finish `{probe['finish_reason']}`, logits sha256 `{probe['logits_sha256']}`",
+            f"{number}. Prompt: {json.dumps(probe.prompt, ensure_ascii=False)}; {len(probe.token_ids)} tokens, "
+            f"finish `{probe.finish_reason}`, logits sha256 `{probe.logits_sha256}`",
             "",
-            _code(json.dumps(probe["text"], ensure_ascii=True), "json"),
+            _code(json.dumps(probe.text, ensure_ascii=True), "json"),
             "",
         ]
-    parts += [
+    return parts
+
+
+def _files(files: dict[str, manifest_file.FileEntry], toolchain: dict[str, str]) -> list[str]:
+    return [
         "## Files",
         "",
-        _table(
-            [(f"`{n}`", f"`{e['sha256']}` ({e['size']} bytes)") for n, e in sorted(files.items())], ("file", "sha256")
-        ),
+        _table([(f"`{n}`", f"`{e.sha256}` ({e.size} bytes)") for n, e in sorted(files.items())], ("file", "sha256")),
         "",
         "`manifest.json` records these and this card's sha256; an attestation (`reprolora attest`) records every "
         "file's.",
@@ -176,6 +190,15 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "",
         _table([(name, f"`{version}`") for name, version in sorted(toolchain.items())], ("package", "version")),
         "",
+    ]
+
+
+def _rebuild(recorded: manifest_file.Manifest) -> list[str]:
+    dataset_name = recorded.inputs.dataset.name
+    default_dataset, default_base = dataset_name == "default.jsonl", _is_default_base(recorded)
+    dataset_arg = "" if default_dataset else f" --dataset {dataset_name}"
+    base_arg = "" if default_base else " --base-model BASE_MODEL_DIR"
+    return [
         "## Verify and rebuild",
         "",
         "Check every hash, then retrain from the recorded inputs and compare every byte (same toolchain and CPU "
@@ -189,8 +212,8 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
             "sh",
         ),
         "",
-        "Pip route, from a checkout of reprolora " + toolchain["reprolora"] + " (its `python/requirements.lock` pins "
-        "every package by version and sha256, torch's CPU build from "
+        "Pip route, from a checkout of reprolora " + recorded.toolchain["reprolora"] + " (its "
+        "`python/requirements.lock` pins every package by version and sha256, torch's CPU build from "
         "`--extra-index-url https://download.pytorch.org/whl/cpu`; compare `.venv/bin/pip freeze` with the toolchain "
         "above):",
         "",
@@ -208,7 +231,7 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         _code(
             "nix build --impure --expr '(builtins.getFlake (toString ./.)).packages.${builtins.currentSystem}.adapter"
             ".override { trainConfig = ./config.toml;"
-            + ("" if default_dataset else f" dataset = ./{data['name']};")
+            + ("" if default_dataset else f" dataset = ./{dataset_name};")
             + ("" if default_base else " baseModel = ./BASE_MODEL_DIR;")
             + " }'",
             "sh",
@@ -217,19 +240,11 @@ def render(body: dict[str, Any], files: dict[str, dict[str, Any]]) -> bytes:
         "`config.toml` is the config above. The pip route and the Nix route give different bytes (different torch "
         "builds); each is reproducible in itself.",
     ]
-    return ("\n".join(parts) + "\n").encode()
 
 
-def write_card(folder: Path, body: Any) -> None:
-    """Write README.md into a folder being published, from the manifest `body` and the files already there."""
-    if hasattr(body, "to_dict"):  # a reprolora.core.manifest.Manifest
-        body = body.to_dict()
-    files = {
-        child.name: file_entry(child)
-        for child in sorted(folder.iterdir())
-        if child.name not in (CARD, manifest_file.FILENAME)
-    }
-    write_file(folder / CARD, render(body, files))
+def write_card(folder: Path, recorded: manifest_file.Manifest) -> None:
+    """Write README.md into a folder being published, from its manifest `recorded` and the files already there."""
+    write_file(folder / CARD, render(recorded, manifest_file.folder_files(folder, leave_out=(CARD,))))
 
 
 def rewrite(folder: Path) -> None:
@@ -237,19 +252,15 @@ def rewrite(folder: Path) -> None:
 
     Every other file must still match the manifest: a card must never vouch for files that changed.
     """
-    manifest = manifest_file.read(folder).to_dict()
+    recorded = manifest_file.read(folder)
     problems = [p for p in adapter.verify(folder) if not p.startswith(f"{CARD}:")]
     if problems:
         raise ReproloraError(f"{folder}/{problems[0]}; not writing a card for a folder that differs from its manifest")
-    body = {key: value for key, value in manifest.items() if key not in ("format", "files")}
-    for key in ("inputs", "metrics", "probes", "toolchain", "pins", "loss_trace_sha256"):
-        if key not in body:
-            raise ReproloraError(f"{folder}/{manifest_file.FILENAME}: has no {key!r}; can't write a card")
-    files = {name: entry for name, entry in manifest["files"].items() if name != CARD}
-    card = render(body, files)
-    manifest["files"] = {**files, CARD: {"sha256": sha256_bytes(card), "size": len(card)}}
+    files = {name: entry for name, entry in recorded.files.items() if name != CARD}
+    card = render(recorded, files)
+    recorded = replace(recorded, files={**files, CARD: manifest_file.FileEntry(sha256_bytes(card), len(card))})
     # Each file replaced by a rename: a reader sees the old or the new file, never half of one.
-    for name, data in ((CARD, card), (manifest_file.FILENAME, canonical_json(manifest))):
+    for name, data in ((CARD, card), (manifest_file.FILENAME, manifest_file.encode(recorded))):
         staging = folder / f".{name}.tmp-{os.getpid()}"
         write_file(staging, data)
         os.replace(staging, folder / name)

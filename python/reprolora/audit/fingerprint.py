@@ -189,11 +189,17 @@ def against(report: dict[str, Any], recorded: manifest.Manifest) -> dict[str, An
     if recorded.pins.profile == "reference":
         return against_reference(report, recorded)
     reasons = []
-    here_pins, there_pins = report["pins"], recorded.pins.to_dict()
-    for key in ("machine", "cpu_capability", "blas", "profile", "threads"):
-        if here_pins.get(key) != there_pins.get(key):
-            reasons.append(f"pins: {key} is {here_pins.get(key)!r} here, {there_pins.get(key)!r} in the adapter")
-    env_here, env_there = here_pins.get("environment", {}), there_pins.get("environment", {})
+    here, there = manifest.pins_from_dict(report["pins"]), recorded.pins
+    for key, mine, theirs in (
+        ("machine", here.machine, there.machine),
+        ("cpu_capability", here.cpu_capability, there.cpu_capability),
+        ("blas", here.blas, there.blas),
+        ("profile", here.profile, there.profile),
+        ("threads", here.threads, there.threads),
+    ):
+        if mine != theirs:
+            reasons.append(f"pins: {key} is {mine!r} here, {theirs!r} in the adapter")
+    env_here, env_there = here.environment, there.environment
     for name in sorted(set(env_here) | set(env_there)):
         if env_here.get(name) != env_there.get(name):
             reasons.append(f"pins: {name} is {env_here.get(name)!r} here, {env_there.get(name)!r} in the adapter")

@@ -142,7 +142,7 @@ def _run_section(label: str, folder: Path, m: manifest.Manifest) -> str:
     ]
     tools = [(_e(k), _e(v)) for k, v in sorted(m.toolchain.items())]
     pinned = [(f"<code>{_e(k)}</code>", _e(v)) for k, v in sorted(diff.flatten(m.pins.to_dict()).items())]
-    metrics = [(_e(k), _e(_number(v))) for k, v in sorted(m.metrics.items())]
+    metrics = [(_e(k), _e(_number(v))) for k, v in sorted(m.metrics.to_dict().items())]
     probes = [
         (_e(p.prompt), f"<pre>{_e(p.text)}</pre>", f"{len(p.token_ids)} tokens, {_e(p.finish_reason)}")
         for p in m.probes.results
@@ -227,10 +227,8 @@ def render(folders: list[Path], labels: list[str] | None = None) -> str:
         (
             _e(label),
             f'<span class="hash">{_e(sha256_file(folder / manifest.FILENAME))}</span>',
-            _e(_number(m.metrics.get("eval_loss_before", "")))
-            + " &rarr; "
-            + _e(_number(m.metrics.get("eval_loss_after", ""))),
-            _e(m.metrics.get("steps", "")),
+            _e(_number(m.metrics.eval_loss_before)) + " &rarr; " + _e(_number(m.metrics.eval_loss_after)),
+            _e(m.metrics.steps),
         )
         for label, folder, m in zip(labels, folders, manifests, strict=True)
     ]

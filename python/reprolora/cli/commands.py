@@ -56,9 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     _print_wrote(
         result.folder,
-        f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f} "
-        f"(perplexity {m['eval_perplexity_before']:.2f} -> {m['eval_perplexity_after']:.2f})",
-        f"{m['steps']} steps, {result.tokens_per_second:.0f} tokens/s, {result.seconds:.1f} s",
+        f"eval loss {m.eval_loss_before:.4f} -> {m.eval_loss_after:.4f} "
+        f"(perplexity {m.eval_perplexity_before:.2f} -> {m.eval_perplexity_after:.2f})",
+        f"{m.steps} steps, {result.tokens_per_second:.0f} tokens/s, {result.seconds:.1f} s",
     )
     return 0
 
@@ -108,9 +108,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     measured = merge.merge(Path(args.adapter), Path(args.output), Path(args.base_model) if args.base_model else None)
     _print_wrote(
         args.output,
-        f"{measured['probes']} golden probes: greedy tokens "
-        f"{'identical' if measured['probe_tokens_equal'] else 'DIFFER'} to the adapter's; logits differ from the "
-        f"adapter applied on the fly by at most {measured['max_abs_logit_difference']:.3g} "
+        f"{measured.probes} golden probes: greedy tokens "
+        f"{'identical' if measured.probe_tokens_equal else 'DIFFER'} to the adapter's; logits differ from the "
+        f"adapter applied on the fly by at most {measured.max_abs_logit_difference:.3g} "
         "(merging rounds differently)",
     )
     return 0

@@ -134,7 +134,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
         raise ReproloraError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     from reprolora.export.merge import read_manifest
 
-    manifest = read_manifest(folder)
+    recorded = read_manifest(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
         raise ReproloraError(
@@ -146,7 +146,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     if out.exists():
         raise ReproloraError(f"{out}: already exists; choose another path or remove it")
     tensors = gguf_tensors(load_file(str(folder / "model.safetensors")), config)
-    is_default = manifest["base_model"]["files"] == base_model.CONVERTED_SHA256
+    is_default = recorded.base_model.files == base_model.CONVERTED_SHA256
     tokenizer_fields = _default_gguf_tokenizer() if is_default else _tokenizer_json_fields(folder)
 
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -154,9 +154,7 @@ def export(folder: Path, out: Path, dtype: str = "f32") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         writer = _writer(staging)
-        writer.add_name(
-            f"{manifest['base_model']['name']} + reprolora adapter {manifest['adapter']['manifest_sha256'][:12]}"
-        )
+        writer.add_name(f"{recorded.base_model.name} + reprolora adapter {recorded.adapter.manifest_sha256[:12]}")
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_context_length(config["max_position_embeddings"])
         writer.add_embedding_length(config["hidden_size"])

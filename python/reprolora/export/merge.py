@@ -14,49 +14,33 @@ from x @ W + s (x @ A) @ B. `merge` measures by how much, on the golden probes, 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from reprolora.core import manifest as manifest_file
 from reprolora.core import pins
-from reprolora.core.canonical import canonical_json, file_entry, publish_dir, sha256_file, write_file
+from reprolora.core.canonical import file_entry, publish_dir, sha256_file
 from reprolora.core.errors import ReproloraError
 
 WEIGHTS = "model.safetensors"
-FORMAT = "reprolora-merged/1"
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """A merged folder's manifest.json, after checking every file's sha256 and size against it."""
-    path = folder / manifest_file.FILENAME
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReproloraError(f"{path}: no manifest; not a folder written by `reprolora merge`") from None
-    except (OSError, ValueError) as e:
-        raise ReproloraError(f"{path}: can't read manifest: {e}") from None
-    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
-        raise ReproloraError(
-            f"{folder}: not a merged model folder (manifest format is not {FORMAT}); "
-            "run `reprolora merge ADAPTER -o DIR` first"
-        )
+def read_manifest(folder: Path) -> manifest_file.MergedManifest:
+    """A merged folder's manifest, after checking every file's sha256 and size against it."""
+    recorded = manifest_file.read_merged(folder)
     present = {child.name for child in folder.iterdir()} - {manifest_file.FILENAME}
-    for name in sorted(set(recorded["files"]) | present):
-        if name not in recorded["files"] or name not in present or file_entry(folder / name) != recorded["files"][name]:
+    for name in sorted(set(recorded.files) | present):
+        if (
+            name not in recorded.files
+            or name not in present
+            or manifest_file.FileEntry(**file_entry(folder / name)) != recorded.files[name]
+        ):
             raise ReproloraError(f"{folder}/{name}: differs from the merged folder's manifest")
     return recorded
 
 
-def write_manifest(folder: Path, body: dict[str, Any]) -> None:
-    files = {
-        child.name: file_entry(child) for child in sorted(folder.iterdir()) if child.name != manifest_file.FILENAME
-    }
-    write_file(folder / manifest_file.FILENAME, canonical_json({**body, "format": FORMAT, "files": files}))
-
-
-def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]], reference: bool) -> list[Any]:
+def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[manifest_file.Probe], reference: bool) -> list[Any]:
     """The logits of each probe's prompt followed by its recorded answer, in one forward pass each (by the reference
     decoder when `reference`)."""
     import torch
@@ -68,7 +52,7 @@ def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]], r
     result = []
     with torch.inference_mode():
         for probe in probes:
-            ids = prompt_ids(tokenizer, [{"role": "user", "content": probe["prompt"]}]) + probe["token_ids"]
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": probe.prompt}]) + probe.token_ids
             if decoder is not None:
                 result.append(decoder.logits(decoder.hidden(torch.tensor(ids), [len(ids)])))
             else:
@@ -76,49 +60,26 @@ def probe_logits(causal_lm: Any, tokenizer: Any, probes: list[dict[str, Any]], r
     return result
 
 
-def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[str, Any]:
-    """Write the merged model folder `out`; returns what was measured (also recorded in its manifest)."""
+def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> manifest_file.Merge:
+    """Write the merged model folder `out`; returns how it was merged and what was measured (also recorded in its
+    manifest)."""
     from reprolora.decoding import infer
 
     adapter_dir = Path(adapter_dir)
     recorded, base_folder = infer.check_inputs(adapter_dir, base_dir)
-    manifest = recorded.to_dict()
     if out.exists():
         raise ReproloraError(f"{out}: output folder already exists; choose another path or remove it")
     pins.apply(recorded.pins.profile, recorded.pins.threads)  # before torch is imported
 
-    from peft import PeftModel
     from safetensors.torch import save_file
 
-    from reprolora.decoding.generate import greedy
-    from reprolora.models.loading import load_model_and_tokenizer, toolchain
-    from reprolora.models.reference import merge_lora
+    from reprolora.models.loading import toolchain
 
-    base, tokenizer = load_model_and_tokenizer(base_folder)
-    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    peft_model.eval()
-    probes = manifest.get("probes", {}).get("results", [])
-    reference = recorded.pins.profile == "reference"
-    on_the_fly = probe_logits(peft_model.get_base_model(), tokenizer, probes, reference)
-    merged = merge_lora(peft_model) if reference else peft_model.merge_and_unload()
-    merged.eval()
-    folded = probe_logits(merged, tokenizer, probes, reference)
-    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
-    same_tokens = all(
-        greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
-        for p in probes
-    )
-
+    merged, measured = fold_adapter(adapter_dir, base_folder, recorded)
     state = merged.state_dict()
     if getattr(merged.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the same tensor as the embedding: safetensors refuses to store it twice
     tensors = {name: tensor.detach().to("cpu").float().contiguous().clone() for name, tensor in state.items()}
-    measured = {
-        "probes": len(probes),
-        "probe_tokens_equal": same_tokens,
-        "max_abs_logit_difference": max_difference,
-        "compared_with": "the adapter applied on the fly (PeftModel), prompt + recorded answer of each golden probe",
-    }
     with publish_dir(out) as staging:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
         for child in sorted(base_folder.iterdir()):
@@ -127,25 +88,48 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
                 child.is_file()
                 and not child.name.startswith(".")
                 and not child.name.endswith((".safetensors", ".index.json"))
-                and child.name in manifest["inputs"]["base_model"]["files"]
+                and child.name in recorded.inputs.base_model.files
             ):
                 shutil.copyfile(child, staging / child.name)
-        write_manifest(
-            staging,
-            {
-                "kind": "merged",
-                "adapter": {
-                    "manifest_sha256": sha256_file(adapter_dir / manifest_file.FILENAME),
-                    "files": manifest["files"],
-                },
-                "base_model": manifest["inputs"]["base_model"],
-                "merge": {
-                    "method": "reference merge_lora" if reference else "peft merge_and_unload",
-                    "dtype": "float32",
-                    **measured,
-                },
-                "pins": pins.describe(),
-                "toolchain": toolchain(),
-            },
+        adapter = manifest_file.MergedAdapter(sha256_file(adapter_dir / manifest_file.FILENAME), recorded.files)
+        pinned = manifest_file.pins_from_dict(pins.describe())
+        merged_manifest = manifest_file.MergedManifest(
+            {}, adapter, recorded.inputs.base_model, measured, pinned, toolchain()
         )
+        manifest_file.write(staging, merged_manifest)
     return measured
+
+
+def fold_adapter(
+    adapter_dir: Path, base_folder: Path, recorded: manifest_file.Manifest
+) -> tuple[Any, manifest_file.Merge]:
+    """The base model with the adapter's deltas folded in, and how far that moves the golden probes' logits from
+    the adapter applied on the fly (and whether their greedy tokens stay the same)."""
+    from peft import PeftModel
+
+    from reprolora.decoding.generate import greedy
+    from reprolora.models.loading import load_model_and_tokenizer
+    from reprolora.models.reference import merge_lora
+
+    base, tokenizer = load_model_and_tokenizer(base_folder)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    probes = recorded.probes.results
+    reference = recorded.pins.profile == "reference"
+    on_the_fly = probe_logits(peft_model.get_base_model(), tokenizer, probes, reference)
+    merged = merge_lora(peft_model) if reference else peft_model.merge_and_unload()
+    merged.eval()
+    folded = probe_logits(merged, tokenizer, probes, reference)
+    max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
+    same_tokens = all(
+        greedy(merged, tokenizer, p.prompt, recorded.probes.max_new_tokens).token_ids == p.token_ids for p in probes
+    )
+    measured = manifest_file.Merge(
+        method="reference merge_lora" if reference else "peft merge_and_unload",
+        dtype="float32",
+        probes=len(probes),
+        probe_tokens_equal=same_tokens,
+        max_abs_logit_difference=max_difference,
+        compared_with="the adapter applied on the fly (PeftModel), prompt + recorded answer of each golden probe",
+    )
+    return merged, measured

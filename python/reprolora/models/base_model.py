@@ -174,6 +174,12 @@ def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
             f"only byte-level BPE (gpt2) GGUF tokenizers are supported, got {meta.get('tokenizer.ggml.model')!r}"
         )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    return _tokenizer_json(meta, tokens), _tokenizer_config(meta, tokens)
+
+
+def _tokenizer_json(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """tokenizer.json: the BPE vocabulary and merges, the control tokens as special added tokens, and llama.cpp's
+    pre-tokenizer as the tokenizers library spells it."""
     token_types: list[int] = list(meta["tokenizer.ggml.token_type"])
     control = 3  # llama.cpp's token type for special (control) tokens
     specials = [
@@ -195,7 +201,7 @@ def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     ]
     if meta.get("tokenizer.ggml.pre") == "smollm":
         pre_tokenizers.insert(0, {"type": "Digits", "individual_digits": True})
-    tokenizer = {
+    return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
@@ -218,11 +224,15 @@ def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         },
     }
 
+
+def _tokenizer_config(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """tokenizer_config.json: the special tokens by text, the chat template and the context length."""
+
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return None if index is None else tokens[int(index)]
 
-    tokenizer_config = {
+    return {
         "add_prefix_space": False,
         "bos_token": token("bos"),
         "eos_token": token("eos"),
@@ -233,7 +243,6 @@ def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
         "model_max_length": int(meta["llama.context_length"]),
         "tokenizer_class": "GPT2Tokenizer",
     }
-    return tokenizer, tokenizer_config
 
 
 def prepare_default(out: Path | None = None, wheel: Path | None = None) -> Path:

@@ -2,7 +2,7 @@
 
 Micro-batch i of a step belongs to rank i % world_size. Each rank computes the gradients of its own
 micro-batches; all_gather gives every rank every micro-batch's gradient, and every rank adds them in micro-batch
-order (train.fold), exactly as a single process adds the gradients it computed itself. So the sum, and every
+order (step.fold), exactly as a single process adds the gradients it computed itself. So the sum, and every
 byte after it, does not depend on how many ranks there are, or whether the count divides the batch.
 Every rank keeps a full copy of the adapter and the optimizer, and takes the same step.
 """
