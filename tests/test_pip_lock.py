@@ -69,15 +69,8 @@ def lock_differences() -> list[str]:
     return differences
 
 
-LONG = pytest.mark.skipif(
-    not os.environ.get("REPROLORA_LONG"),
-    reason="a default job beyond .ci/run's time budget, which checks the default job's bytes through the Nix "
-    "route's build (tests/test_nix_build.py, profile reference): REPROLORA_LONG=1 runs it (GitHub's locked job does)",
-)
-
-
 @pytest.mark.slow
-@LONG
+@pytest.mark.long
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the expected bytes are x86-64's")
 def test_default_portable_job_under_the_lock_gives_the_committed_bytes(tmp_path):
     differences = lock_differences()
@@ -107,7 +100,7 @@ NIX_EXPECTED = [REPO / "expected" / f"adapter-{system}.sha256" for system in ("x
 
 
 @pytest.mark.slow
-@LONG
+@pytest.mark.long
 def test_default_reference_job_gives_the_weights_both_nix_systems_expect(tmp_path):
     """The Nix route's job (pkgs/adapter.toml, profile `reference`) on this pip route, whatever its versions and
     CPU: the weights line expected/ predicts for both Nix systems."""
