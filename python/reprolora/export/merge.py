@@ -90,7 +90,7 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from reprolora.decoding.generate import greedy
+    from reprolora.decoding.generate import engine_for, greedy
     from reprolora.models.loading import load_model_and_tokenizer, toolchain
     from reprolora.models.reference import merge_lora
 
@@ -104,9 +104,9 @@ def merge(adapter_dir: Path, out: Path, base_dir: Path | None = None) -> dict[st
     merged.eval()
     folded = probe_logits(merged, tokenizer, probes, reference)
     max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
+    engine = engine_for(merged, tokenizer)
     same_tokens = all(
-        greedy(merged, tokenizer, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"]
-        for p in probes
+        greedy(engine, p["prompt"], manifest["probes"]["max_new_tokens"]).token_ids == p["token_ids"] for p in probes
     )
 
     state = merged.state_dict()

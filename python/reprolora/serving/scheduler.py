@@ -73,7 +73,7 @@ class Decoder:
         from reprolora.decoding import generate
 
         self.model, self.limits, self.metrics = model, limits, metrics
-        self.engine = generate.engine_for(model.causal_lm, model.tokenizer)
+        self.engine = model.engine
         self.slots = generate.SLOTS
         self.submitted: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="reprolora-decode", daemon=True)
