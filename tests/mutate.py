@@ -237,6 +237,23 @@ MUTANTS = [
         ],
         ["tests/test_decode.py::test_logits_and_tokens_are_hfs[qwen2]"],
     ),
+    # Stop strings are looked for in the answer's last few tokens only: one that spans two tokens must be found.
+    Mutant(
+        "stop-check-misses-a-stop-across-tokens",
+        [
+            Edit(
+                "python/reprolora/decoding/stops.py",
+                "        self.stop_settled = self.stop_settled or self._stop_in(near)",
+                "        self.stop_settled = self.stop_settled or self._stop_in(new)",
+            )
+        ],
+        ["tests/test_stops.py::test_byte_level_characters_and_stops_across_tokens"],
+    ),
+    Mutant(
+        "stream-sends-text-a-longer-stop-may-cut",
+        [Edit("python/reprolora/serving/scheduler.py", "        if len(self.unsent) > self.hold:", "        if True:")],
+        ["tests/test_stops.py::test_the_stream_holds_back_text_shorter_than_a_stop"],
+    ),
     # Gap 3: infer under the adapter's own profile.
     Mutant(
         "infer-applies-native-whatever-the-adapter",

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_stops import Counting
 
 from reprolora.data.dataset import prompt_ids
 from reprolora.decoding import generate, guesses
@@ -137,6 +138,31 @@ def test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps(family_mode
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 40
     for engine in (looked_up, guessing):
         assert decode_alone(engine, ids, 40, [stop]) == stopped
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_stop_string_ends_the_answer_where_the_whole_answer_first_holds_it(family_models, family: str) -> None:
+    """Stop strings are looked for in the last few tokens only (reprolora.decoding.stops): the answer ends at the
+    token where decoding the whole answer again would first find one, across tokens and inside characters, and the
+    check decodes each token a few times, not the whole answer at every token."""
+    model, tokenizer = family_models(family)
+    ids = ids_of(tokenizer, PROMPTS[4])
+    free = decode_alone(generate.Engine(model, tokenizer), ids, 120)
+    tokens, text = free.token_ids, free.text
+    assert len(tokens) == 120
+
+    def whole(k: int) -> str:
+        return tokenizer.decode(tokens[:k], skip_special_tokens=True)
+
+    middle = len(text) // 2
+    for stops in ([text[middle : middle + 2]], [text[-3:], "never there"], [whole(61)[-1:] + "\ufffd"]):
+        counting = Counting(tokenizer)
+        got = decode_alone(generate.Engine(model, counting), ids, 120, stops)
+        end = next((k for k in range(1, 121) if any(s in whole(k) for s in stops)), 120)
+        cut = min((whole(end).find(s) for s in stops if s in whole(end)), default=len(whole(end)))
+        assert (got.token_ids, got.text) == (tokens[:end], whole(end)[:cut]), stops
+        assert got.finish_reason == ("stop" if any(s in whole(end) for s in stops) else "length")
+        assert counting.decoded < 10 * end, counting.decoded  # the whole answer at every token: end**2 / 2
 
 
 def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ The model forward is written out over the Hugging Face modules of the model (emb
 output head), found where the family's DecoderLayout says (reprolora.models.families) and called as they are, except
 the linear layers (kernels.linear: a PEFT LoRA layer is its base layer plus lora_B(x A^T) * scaling, as PEFT
 computes it). The output head runs on the prompt's last position only.
+
+Stop strings are checked as the answer grows, decoding its last few tokens only (reprolora.decoding.stops).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from reprolora.core import pins
 from reprolora.data.dataset import Messages, prompt_ids
 from reprolora.decoding.forward import Forward
 from reprolora.decoding.guesses import lookup, share_idle_rows
+from reprolora.decoding.stops import AnswerText, cut
 
 SLOTS = 8  # rows of every decoding step: every product of a step has this many rows, whatever the load
 BLOCK = 64  # positions per key/value cache block: caches grow by whole blocks, never copied per token
@@ -78,6 +81,7 @@ class Sequence:
     length: int = 0  # positions in the cache
     finish: str | None = None  # set once decoding has ended
     text: str = ""
+    answer: AnswerText | None = None  # the text so far, where stop strings are looked for
 
     @property
     def done(self) -> bool:
@@ -118,6 +122,8 @@ class Engine:
     ) -> Sequence:
         """A new sequence with its prompt run (alone) and its first token chosen; it may be done already."""
         sequence = Sequence(list(ids), max_new_tokens, list(stop or []), on_token)
+        if sequence.stop:
+            sequence.answer = AnswerText(self.tokenizer, sequence.stop)
         if max_new_tokens < 1:
             sequence.finish = "length"
             return sequence
@@ -171,20 +177,16 @@ class Engine:
         sequence.generated.append(token)
         if sequence.on_token is not None:
             sequence.on_token(sequence.generated)
-        if sequence.stop and any(
-            s in self.tokenizer.decode(sequence.generated, skip_special_tokens=True) for s in sequence.stop
-        ):
+        if sequence.answer is not None:
+            sequence.answer.update(sequence.generated)
+        if sequence.answer is not None and sequence.answer.has_stop:
             self._finish(sequence, "stop")
         elif len(sequence.generated) >= sequence.max_new_tokens:
             self._finish(sequence, "length")
 
     def _finish(self, sequence: Sequence, reason: str) -> None:
         text = self.tokenizer.decode(sequence.generated, skip_special_tokens=True)
-        if sequence.stop:
-            cut = min((text.find(s) for s in sequence.stop if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-        sequence.finish, sequence.text = reason, text
+        sequence.finish, sequence.text = reason, cut(text, sequence.stop)
         sequence.keys, sequence.values = [], []  # free the cache
 
     # ----------------------------------------------------------------------------------------- the steps
