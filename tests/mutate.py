@@ -180,22 +180,22 @@ MUTANTS = [
         "decode-packed-weights-never-repacked",
         [
             Edit(
-                "python/reprolora/decoding/generate.py",
-                "    if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:",
-                "    if cached is None:",
+                "python/reprolora/decoding/kernels.py",
+                "        if cached is None or cached[0] is not module.weight or cached[1] != module.weight._version:",
+                "        if cached is None:",
             )
         ],
         ["tests/test_decode.py::test_a_weight_changed_in_place_after_decoding_is_used"],
     ),
     Mutant(
         "decode-packs-under-portable",
-        [Edit("python/reprolora/decoding/generate.py", 'and profile != "portable"', "")],
+        [Edit("python/reprolora/decoding/kernels.py", 'and profile != "portable"', "")],
         ["tests/test_decode.py::test_packed_products_under_every_profile_but_portable"],
     ),
     # Guesses in idle rows: only the rows no request needs carry them (a step never grows past SLOTS rows).
     Mutant(
         "decode-guesses-take-busy-rows",
-        [Edit("python/reprolora/decoding/generate.py", "    idle = SLOTS - len(found)", "    idle = SLOTS - 1")],
+        [Edit("python/reprolora/decoding/guesses.py", "    idle = rows - len(found)", "    idle = rows - 1")],
         ["tests/test_decode.py::test_idle_rows_are_shared_first_guesses_first"],
     ),
     # A guess is kept only where it is the token the previous row chose.
@@ -224,19 +224,36 @@ MUTANTS = [
     # and 2 threads (AMD EPYC): the decoder sums them with ATen.
     Mutant(
         "decoder-narrow-products-by-blas",
-        [Edit("python/reprolora/decoding/generate.py", "    if weight.shape[0] > NARROW:", "    if True:")],
+        [Edit("python/reprolora/decoding/kernels.py", "    if weight.shape[0] > NARROW:", "    if True:")],
         ["tests/test_threads.py::test_the_decoders_linear_layers_do_not_change_with_the_thread_count[native]"],
     ),
     Mutant(
         "decoder-narrow-product-drops-bias",
         [
             Edit(
-                "python/reprolora/decoding/generate.py",
+                "python/reprolora/decoding/kernels.py",
                 "    return out if module.bias is None else out + module.bias",
                 "    return out",
             )
         ],
         ["tests/test_decode.py::test_logits_and_tokens_are_hfs[qwen2]"],
+    ),
+    # Stop strings are looked for in the answer's last few tokens only: one that spans two tokens must be found.
+    Mutant(
+        "stop-check-misses-a-stop-across-tokens",
+        [
+            Edit(
+                "python/reprolora/decoding/stops.py",
+                "        self.stop_settled = self.stop_settled or self._stop_in(near)",
+                "        self.stop_settled = self.stop_settled or self._stop_in(new)",
+            )
+        ],
+        ["tests/test_stops.py::test_byte_level_characters_and_stops_across_tokens"],
+    ),
+    Mutant(
+        "stream-sends-text-a-longer-stop-may-cut",
+        [Edit("python/reprolora/serving/scheduler.py", "        if len(self.unsent) > self.hold:", "        if True:")],
+        ["tests/test_stops.py::test_the_stream_holds_back_text_shorter_than_a_stop"],
     ),
     # Gap 3: infer under the adapter's own profile.
     Mutant(

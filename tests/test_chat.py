@@ -140,29 +140,6 @@ def test_streamed_chat_with_a_stop_equals_the_answer(client, model_id: str):
     assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "stop"
 
 
-class ByteTokenizer:
-    """One character per id, as the tiny model's tokenizer has (for the printable ones)."""
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(i) for i in ids)
-
-
-def test_text_stream_never_sends_text_that_a_stop_would_cut():
-    from reprolora.serving.scheduler import TextStream
-
-    sent: list[str] = []
-    stream = TextStream(ByteTokenizer(), ["STOP"], sent.append)
-    ids: list[int] = []
-    for char in "one two STOP three":
-        ids.append(ord(char))
-        stream.on_token(ids)
-        if "STOP" in "".join(map(chr, ids)):
-            break  # greedy stops decoding here
-    stream.finish("one two ")  # greedy's text, cut at the stop
-    assert "".join(sent) == "one two " and len(sent) > 2
-    assert all("S" not in piece for piece in sent)
-
-
 def test_streamed_completion_equals_the_answer(client, model_id: str):
     whole = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12).choices[0]
     chunks = list(client.completions.create(model=model_id, prompt=PROMPT, max_tokens=12, stream=True))

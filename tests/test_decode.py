@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from test_stops import Counting
 
 from reprolora.data.dataset import prompt_ids
-from reprolora.decoding import generate
+from reprolora.decoding import generate, guesses
 
 import tiny
 from conftest import run_cli
@@ -139,9 +140,35 @@ def test_guesses_in_idle_rows_change_nothing_but_the_number_of_steps(family_mode
         assert decode_alone(engine, ids, 40, [stop]) == stopped
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_stop_string_ends_the_answer_where_the_whole_answer_first_holds_it(family_models, family: str) -> None:
+    """Stop strings are looked for in the last few tokens only (reprolora.decoding.stops): the answer ends at the
+    token where decoding the whole answer again would first find one, across tokens and inside characters, and the
+    check decodes each token a few times, not the whole answer at every token."""
+    model, tokenizer = family_models(family)
+    ids = ids_of(tokenizer, PROMPTS[4])
+    free = decode_alone(generate.Engine(model, tokenizer), ids, 120)
+    tokens, text = free.token_ids, free.text
+    assert len(tokens) == 120
+
+    def whole(k: int) -> str:
+        return tokenizer.decode(tokens[:k], skip_special_tokens=True)
+
+    middle = len(text) // 2
+    for stops in ([text[middle : middle + 2]], [text[-3:], "never there"], [whole(61)[-1:] + "\ufffd"]):
+        counting = Counting(tokenizer)
+        got = decode_alone(generate.Engine(model, counting), ids, 120, stops)
+        end = next((k for k in range(1, 121) if any(s in whole(k) for s in stops)), 120)
+        cut = min((whole(end).find(s) for s in stops if s in whole(end)), default=len(whole(end)))
+        assert (got.token_ids, got.text) == (tokens[:end], whole(end)[:cut]), stops
+        assert got.finish_reason == ("stop" if any(s in whole(end) for s in stops) else "length")
+        assert counting.decoded < 10 * end, counting.decoded  # the whole answer at every token: end**2 / 2
+
+
 def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> None:
-    """Decoding steps use packed copies of the weights (generate.packed_product): one changed in place afterwards
-    (an optimizer step, say) must be packed again, not decoded with its old copy."""
+    """Decoding steps use packed copies of the weights (kernels.PackedWeights), which the engine holds, not the
+    modules: one changed in place afterwards (an optimizer step, say) must be packed again, not decoded with its old
+    copy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tiny.make_family_model(tmp_path / "model", "gpt2")  # its attention and output products are packed
@@ -157,9 +184,11 @@ def test_a_weight_changed_in_place_after_decoding_is_used(tmp_path: Path) -> Non
         return model
 
     model = load()
+    attributes = {name: set(vars(module)) for name, module in model.named_modules()}
     engine = generate.Engine(model, tokenizer, guess=False)
     ids = ids_of(tokenizer, PROMPTS[1])
     before = decode_alone(engine, ids, 12)
+    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes  # the engine's own
     change(model)
     after = decode_alone(engine, ids, 12)
     assert after == decode_alone(generate.Engine(change(load()), tokenizer, guess=False), ids, 12)
@@ -171,8 +200,8 @@ def test_packed_products_under_every_profile_but_portable() -> None:
     """`portable` promises the same bytes on Intel and AMD through MKL's COMPATIBLE path: its decoder keeps MKL."""
     code = (
         "import sys; from reprolora.core import pins; pins.apply(sys.argv[1], 1); "
-        "from reprolora.decoding import generate; "
-        "print(generate.packs_weights())"
+        "from reprolora.decoding import kernels; "
+        "print(kernels.packs_weights())"
     )
     used = {
         profile: subprocess.run(
@@ -185,18 +214,19 @@ def test_packed_products_under_every_profile_but_portable() -> None:
 
 def test_idle_rows_are_shared_first_guesses_first() -> None:
     assert generate.SLOTS == 8
-    assert generate.share_idle_rows([list(range(10, 17))]) == [list(range(10, 17))]  # one sequence: 7 idle rows
-    assert generate.share_idle_rows([[1, 2, 3], [4, 5, 6], []]) == [[1, 2, 3], [4, 5], []]  # 5 idle rows
-    assert generate.share_idle_rows([[1, 2]] * 6) == [[1], [1], [], [], [], []]  # 2 idle rows
-    assert generate.share_idle_rows([[1, 2]] * 8) == [[]] * 8  # none idle
+    share = guesses.share_idle_rows
+    assert share([list(range(10, 17))], 8) == [list(range(10, 17))]  # one sequence: 7 idle rows
+    assert share([[1, 2, 3], [4, 5, 6], []], 8) == [[1, 2, 3], [4, 5], []]  # 5 idle rows
+    assert share([[1, 2]] * 6, 8) == [[1], [1], [], [], [], []]  # 2 idle rows
+    assert share([[1, 2]] * 8, 8) == [[]] * 8  # none idle
 
 
 def test_lookup_guesses_what_followed_the_latest_match() -> None:
-    assert generate.lookup([5, 1, 2, 3, 9, 1, 2, 3, 4, 7, 1, 2, 3], 3) == [4, 7, 1]  # the latest of two matches
-    assert generate.lookup([1, 2, 3, 8, 2, 3], 5) == [8, 2, 3, 8, 2]  # no 3-token match: the 2-token one, repeated
-    assert generate.lookup([6, 4, 4], 3) == [4, 4, 4]
-    assert generate.lookup([4, 5, 6], 2) == []
-    assert generate.lookup([1, 2, 1, 2], 0) == []
+    assert guesses.lookup([5, 1, 2, 3, 9, 1, 2, 3, 4, 7, 1, 2, 3], 3) == [4, 7, 1]  # the latest of two matches
+    assert guesses.lookup([1, 2, 3, 8, 2, 3], 5) == [8, 2, 3, 8, 2]  # no 3-token match: the 2-token one, repeated
+    assert guesses.lookup([6, 4, 4], 3) == [4, 4, 4]
+    assert guesses.lookup([4, 5, 6], 2) == []
+    assert guesses.lookup([1, 2, 1, 2], 0) == []
 
 
 def run_staggered(engine: generate.Engine, requests: list[tuple[int, list[int], int]]) -> list[generate.Completion]:
@@ -230,7 +260,7 @@ def test_an_answer_does_not_depend_on_the_others(family_models, family: str, oth
     model, tokenizer = family_models(family)
     engine = generate.Engine(model, tokenizer)
     target = ids_of(tokenizer, PROMPTS[0])
-    alone = generate.greedy(model, tokenizer, PROMPTS[0], 20)
+    alone = generate.greedy(generate.Engine(model, tokenizer), PROMPTS[0], 20)
     assert alone.token_ids and alone.finish_reason == "length"
     # Others of various lengths, arriving before, with and after the target, some finishing while it decodes.
     for target_arrives in (0, 3):

@@ -100,7 +100,7 @@ DECODER_PRODUCTS = textwrap.dedent("""
     pins.apply(sys.argv[2], int(sys.argv[1]))
     import torch
     from peft import LoraConfig, inject_adapter_in_model
-    from reprolora.decoding import generate
+    from reprolora.decoding import generate, kernels
     def rand(*shape, seed):
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     digest = hashlib.sha256()
@@ -118,10 +118,11 @@ DECODER_PRODUCTS = textwrap.dedent("""
             layer.lora_A["default"].weight.copy_(rand(r, 576, seed=1) * 0.05)
             layer.lora_B["default"].weight.copy_(rand(width, r, seed=2) * 0.05)
         x = rand(157, 576, seed=0)
+        packed = kernels.PackedWeights()
         with torch.inference_mode():
             for rows in (*range(1, generate.SLOTS + 1), 16, 40, 100, 157):  # decoding steps, and prompts
-                digest.update(generate.linear(layer, x[:rows]).numpy().tobytes())
-                digest.update(generate.linear(layer.base_layer, x[:rows]).numpy().tobytes())
+                digest.update(kernels.linear(layer, x[:rows], packed).numpy().tobytes())
+                digest.update(kernels.linear(layer.base_layer, x[:rows], packed).numpy().tobytes())
     print(digest.hexdigest())
 """)
 

@@ -291,12 +291,12 @@ PEFT_CHECK = textwrap.dedent("""
     manifest = json.loads((adapter_dir / "manifest.json").read_text())
     pins.apply(manifest["pins"]["profile"], manifest["pins"]["threads"])
     from peft import PeftModel
-    from reprolora.decoding.generate import greedy
+    from reprolora.decoding.generate import engine_for, greedy
     from reprolora.models.loading import load_model_and_tokenizer
     base, tokenizer = load_model_and_tokenizer(base_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    engine = engine_for(PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer)
     for probe in manifest["probes"]["results"]:
-        got = greedy(model, tokenizer, probe["prompt"], manifest["probes"]["max_new_tokens"])
+        got = greedy(engine, probe["prompt"], manifest["probes"]["max_new_tokens"])
         same = {"ids": got.token_ids == probe["token_ids"], "logits": got.logits_sha256 == probe["logits_sha256"]}
         print(json.dumps(same))
 """)

@@ -91,7 +91,7 @@ def bench_decoding(
 
     from reprolora.decoding import generate
 
-    engine = generate.engine_for(model.causal_lm, model.tokenizer)
+    engine = model.engine
     one_a_step = type(engine)(model.causal_lm, model.tokenizer, guess=False)
     # A `reference` adapter decodes with the reference engine; the native engine over the same weights is its baseline.
     native = generate.Engine(model.causal_lm, model.tokenizer) if type(engine) is not generate.Engine else None

@@ -8,6 +8,7 @@ wrote the golden probes at training (reprolora.decoding.generate.greedy), so `ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -41,6 +42,14 @@ class Model:
     @property
     def context_length(self) -> int:
         return int(getattr(self.causal_lm.config, "max_position_embeddings", 2048))
+
+    @functools.cached_property
+    def engine(self) -> Any:
+        """The decoding engine over causal_lm that gives every answer (reprolora.decoding.generate.engine_for),
+        made at the first and kept: it holds the rotary table and packed weights it builds."""
+        from reprolora.decoding.generate import engine_for
+
+        return engine_for(self.causal_lm, self.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ def complete(
     one). `on_token(ids)` is called after each generated token, for streaming."""
     from reprolora.decoding.generate import greedy
 
-    return greedy(model.causal_lm, model.tokenizer, prompt, max_new_tokens, stop, on_token)
+    return greedy(model.engine, prompt, max_new_tokens, stop, on_token)
 
 
 def token_ids_sha256(token_ids: list[int]) -> str:

@@ -107,7 +107,7 @@ def fold_adapter(
     the adapter applied on the fly (and whether their greedy tokens stay the same)."""
     from peft import PeftModel
 
-    from reprolora.decoding.generate import greedy
+    from reprolora.decoding.generate import engine_for, greedy
     from reprolora.models.loading import load_model_and_tokenizer
     from reprolora.models.reference import merge_lora
 
@@ -121,9 +121,8 @@ def fold_adapter(
     merged.eval()
     folded = probe_logits(merged, tokenizer, probes, reference)
     max_difference = max((float((a - b).abs().max()) for a, b in zip(on_the_fly, folded, strict=True)), default=0.0)
-    same_tokens = all(
-        greedy(merged, tokenizer, p.prompt, recorded.probes.max_new_tokens).token_ids == p.token_ids for p in probes
-    )
+    engine = engine_for(merged, tokenizer)
+    same_tokens = all(greedy(engine, p.prompt, recorded.probes.max_new_tokens).token_ids == p.token_ids for p in probes)
     measured = manifest_file.Merge(
         method="reference merge_lora" if reference else "peft merge_and_unload",
         dtype="float32",

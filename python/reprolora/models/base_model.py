@@ -167,6 +167,22 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     write_file(out / "tokenizer_config.json", canonical_json(tokenizer_config))
 
 
+def bpe_model(vocab: dict[str, int], merges: list[str]) -> dict[str, Any]:
+    """tokenizer.json's "model": a byte-level BPE of `vocab` and `merges`, without byte fallback."""
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": False,
+        "vocab": vocab,
+        "merges": merges,
+    }
+
+
 def _tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """tokenizer.json and tokenizer_config.json for a GPT-2 style byte-level BPE GGUF vocabulary."""
     if meta.get("tokenizer.ggml.model") != "gpt2":
@@ -210,18 +226,7 @@ def _tokenizer_json(meta: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {tok: i for i, tok in enumerate(tokens)},
-            "merges": list(meta["tokenizer.ggml.merges"]),
-        },
+        "model": bpe_model({tok: i for i, tok in enumerate(tokens)}, list(meta["tokenizer.ggml.merges"])),
     }
 
 

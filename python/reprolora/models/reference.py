@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from reprolora.core.errors import ReproloraError
+from reprolora.models import families
 from reprolora.models.reference_layers import (
     Dropout,
     Linear,
@@ -104,7 +105,7 @@ class Decoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach()
         self.head = linear_of(model.lm_head, "lm_head")
-        windows = self._windows(config, len(inner.layers))
+        windows = families.FAMILIES[config.model_type].decoder.windows(config, len(inner.layers))
         self.layers = []
         for i, layer in enumerate(inner.layers):
             attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
@@ -119,16 +120,6 @@ class Decoder:
             )
         self.cos = torch.empty(0, self.head_dim)
         self.sin = torch.empty(0, self.head_dim)
-
-    @staticmethod
-    def _windows(config: Any, count: int) -> list[int | None]:
-        window = getattr(config, "sliding_window", None)
-        if config.model_type == "mistral":
-            return [window] * count
-        if config.model_type == "qwen2":
-            types = getattr(config, "layer_types", None) or ["full_attention"] * count
-            return [window if kind == "sliding_attention" else None for kind in types]
-        return [None] * count
 
     @property
     def loras(self) -> list[Lora]:

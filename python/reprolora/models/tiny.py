@@ -2,16 +2,19 @@
 
 For the fast tests and for `reprolora reprotest --quick`, which trains the Llama one.
 
-The Llama model is the suite's default; FAMILIES make one of each supported family (reprolora.models.families), each
-with a tokenizer set up as its real models' are: ChatML and a pad token (Qwen2), a template that starts with the
-BOS token and no pad token (Mistral), no chat template and no pad token, one <|endoftext|> for BOS and EOS (GPT-2,
-GPT-NeoX).
+The Llama model is the suite's default; FAMILIES make one of each supported family, as each FamilySpec's `tiny`
+says (reprolora.models.families), each with a tokenizer set up as its real models' are: ChatML and a pad token
+(Llama, Qwen2), a template that starts with the BOS token and no pad token (Mistral), no chat template and no pad
+token, one <|endoftext|> for BOS and EOS (GPT-2, GPT-NeoX).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from reprolora.models import families
+from reprolora.models.base_model import bpe_model
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -33,13 +36,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-)
 
 
 def write_tokenizer(
@@ -77,18 +73,7 @@ def write_tokenizer(
         "pre_tokenizer": byte_level,
         "post_processor": byte_level,
         "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [],
-        },
+        "model": bpe_model(vocab, []),
     }
     config = {
         "bos_token": bos,
@@ -106,90 +91,33 @@ def write_tokenizer(
     return len(vocab)
 
 
-def make_model(folder: Path, chat_template: bool = True) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder.mkdir(parents=True)
-    vocab_size = write_tokenizer(folder, chat_template)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+def make_model(folder: Path) -> Path:
+    """The suite's default tiny model: the Llama one."""
+    return make_family_model(folder, "llama")
 
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
+FAMILIES = tuple(families.FAMILIES)
 
 
 def make_family_model(folder: Path, family: str) -> Path:
-    """A tiny random model of `family` (a model type of FAMILIES), 2 layers of width 32, and its tokenizer."""
+    """A tiny random model of `family` (a model type of FAMILIES) and its tokenizer, as its FamilySpec's `tiny`
+    describes them."""
     import torch
     import transformers
 
-    if family == "llama":
-        return make_model(folder)
-    folder.mkdir(parents=True)
-    ids = {name: len(_bytes_to_unicode()) + i for i, name in enumerate(SPECIALS)}
-    endoftext, im_start, im_end = (ids[name] for name in SPECIALS)
-    decoder = dict(
-        vocab_size=len(_bytes_to_unicode()) + len(SPECIALS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
-    )
-    if family == "qwen2":
-        write_tokenizer(folder)
-        config = transformers.Qwen2Config(
-            **decoder,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            bos_token_id=None,
-            eos_token_id=im_end,
-            pad_token_id=endoftext,
-        )
-    elif family == "mistral":
-        write_tokenizer(folder, MISTRAL_TEMPLATE, bos="<|im_start|>", pad=None)
-        config = transformers.MistralConfig(
-            **decoder,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            sliding_window=64,
-            bos_token_id=im_start,
-            eos_token_id=im_end,
-        )
-    elif family == "gpt2":
-        write_tokenizer(folder, False, bos="<|endoftext|>", eos="<|endoftext|>", pad=None)
-        config = transformers.GPT2Config(
-            vocab_size=decoder["vocab_size"],
-            n_embd=32,
-            n_inner=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=1024,
-            bos_token_id=endoftext,
-            eos_token_id=endoftext,
-        )
-    elif family == "gpt_neox":
-        write_tokenizer(folder, False, bos="<|endoftext|>", eos="<|endoftext|>", pad=None)
-        config = transformers.GPTNeoXConfig(
-            **decoder, tie_word_embeddings=False, bos_token_id=endoftext, eos_token_id=endoftext
-        )
-    else:
+    if family not in families.FAMILIES:
         raise ValueError(f"no tiny model for family {family!r}")
+    spec = families.FAMILIES[family].tiny
+    folder.mkdir(parents=True)
+    vocab_size = write_tokenizer(folder, spec.chat_template, bos=spec.bos, eos=spec.eos, pad=spec.pad)
+    ids = {name: vocab_size - len(SPECIALS) + i for i, name in enumerate(SPECIALS)}
+    config = getattr(transformers, spec.config_class)(
+        **spec.config,
+        vocab_size=vocab_size,
+        bos_token_id=None if spec.bos is None else ids[spec.bos],
+        eos_token_id=ids[spec.eos],
+        pad_token_id=None if spec.pad is None else ids[spec.pad],
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
     return folder

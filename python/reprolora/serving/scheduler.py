@@ -11,33 +11,42 @@ import traceback
 from typing import Any
 
 from reprolora.decoding import infer
+from reprolora.decoding.stops import AnswerText
 from reprolora.serving.metrics import Metrics
 from reprolora.serving.protocol import Limits, Request, RequestError
 
 
 class TextStream:
     """Turns the growing list of generated ids into text deltas, sending only text that can't change any more:
-    not a partial UTF-8 character, and not the start of a stop string (which would be cut)."""
+    not a partial UTF-8 character, and not the start of a stop string (which would be cut).
+
+    The ids are decoded a few at a time (reprolora.decoding.stops); where a tokenizer's earlier text can change as
+    the answer grows, none of it is final before the end, and `finish` sends it all."""
 
     def __init__(self, tokenizer: Any, stops: list[str], send: Any) -> None:
-        self.tokenizer, self.send = tokenizer, send
-        self.hold = max((len(s) - 1 for s in stops), default=0)
-        self.stops = stops
-        self.sent = ""
+        self.send = send
+        self.hold = max((len(s) - 1 for s in stops), default=0)  # the longest start of a stop string
+        self.text = AnswerText(tokenizer, stops)
+        self.sent: list[str] = []  # the deltas sent
+        self.unsent = ""  # final text not sent yet: its last `hold` characters wait for what follows them
 
     def on_token(self, ids: list[int]) -> None:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or any(s in text for s in self.stops) or not text.startswith(self.sent):
+        self.unsent += self.text.update(ids)
+        if self.text.pending or self.text.has_stop:
             return  # wait: an incomplete character, or the answer ends here (finish sends the rest)
-        safe = text[: len(text) - self.hold] if self.hold else text
-        if len(safe) > len(self.sent):
-            self.send(safe[len(self.sent) :])
-            self.sent = safe
+        if len(self.unsent) > self.hold:
+            ready, self.unsent = (
+                self.unsent[: len(self.unsent) - self.hold],
+                self.unsent[len(self.unsent) - self.hold :],
+            )
+            self.send(ready)
+            self.sent.append(ready)
 
     def finish(self, text: str) -> None:
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            self.send(text[len(self.sent) :])
-            self.sent = text
+        sent = "".join(self.sent)
+        if text.startswith(sent) and len(text) > len(sent):
+            self.send(text[len(sent) :])
+            self.sent = [text]
 
 
 class Job:
@@ -73,7 +82,7 @@ class Decoder:
         from reprolora.decoding import generate
 
         self.model, self.limits, self.metrics = model, limits, metrics
-        self.engine = generate.engine_for(model.causal_lm, model.tokenizer)
+        self.engine = model.engine
         self.slots = generate.SLOTS
         self.submitted: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="reprolora-decode", daemon=True)

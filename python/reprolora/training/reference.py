@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from reprolora.data.dataset import IGNORE, Tokenized
-from reprolora.models.reference import Decoder
 from reprolora.models.reference_layers import Lora, LoraRows, scalar
 from reprolora.numerics import random as counter_random
 from reprolora.numerics.matmul import matmul
@@ -30,20 +29,11 @@ if TYPE_CHECKING:
     from reprolora.training.train import Job, TrainState
 
 
-def decoder(job: Job) -> Decoder:
-    """The job's reference decoder, built once (it holds the base weights' transposes and the rotary table)."""
-    built = job.__dict__.get("_reference_decoder")
-    if built is None:
-        built = Decoder(job.peft_model)
-        object.__setattr__(job, "_reference_decoder", built)
-    return built
-
-
 def initialise_lora(job: Job) -> None:
     """LoRA's initialisation as peft defines it (A uniform in +-1/sqrt(in), B zero), each value of A from the
     counter-based generator keyed by (seed, layer): the same on every machine."""
     with torch.no_grad():
-        for lora in decoder(job).loras:
+        for lora in job.reference_decoder.loras:
             lora.A.copy_(counter_random.lora_a(job.config.seed, lora.name, tuple(lora.A.shape)))
             lora.B.zero_()
 
@@ -78,7 +68,7 @@ def dropout_for(job: Job, step: int, examples: list[int], lengths: list[int]) ->
 def pass_rows(job: Job, step: int, examples: list[int]) -> tuple[Tensor, dict[str, LoraRows]]:
     """One pass over `examples`: per-token losses and every adapted layer's gradient rows."""
     ids, lengths, targets = packed([job.encoded[i] for i in examples])
-    return decoder(job).loss_and_backward(ids, lengths, targets, dropout_for(job, step, examples, lengths))
+    return job.reference_decoder.loss_and_backward(ids, lengths, targets, dropout_for(job, step, examples, lengths))
 
 
 def flatten(losses: Tensor, rows: dict[str, LoraRows], loras: list[Lora]) -> Tensor:
@@ -132,7 +122,7 @@ def train_step(job: Job, state: TrainState, world: distributed.World) -> None:
     """One optimizer step of profile `reference` (module docstring)."""
     t = job.config.train
     micro_batches = job.plan[state.step]
-    loras = decoder(job).loras
+    loras = job.reference_decoder.loras
     sizes = [
         (sum(len(job.encoded[i].input_ids) for i in examples), sum(labelled(job.encoded[i]) for i in examples))
         for examples in micro_batches
@@ -173,7 +163,7 @@ def optimizer(job: Job, params: dict[str, torch.nn.Parameter]) -> AdamW:
 @torch.no_grad()
 def evaluate(job: Job) -> dict[str, float]:
     """Mean eval loss: the exact sum of every eval token's loss rounded once to float32, over the token count."""
-    dec = decoder(job)
+    dec = job.reference_decoder
     size = job.config.train.eval_batch_size
     losses = []
     for first in range(0, len(job.eval_idx), size):

@@ -12,6 +12,7 @@ The determinism pins (reprolora.core.pins) must already be applied: they act whe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -30,9 +31,10 @@ from reprolora.core.canonical import canonical_json, check_output_target, publis
 from reprolora.core.config import Config
 from reprolora.data import dataset
 from reprolora.data.dataset import Tokenized
-from reprolora.decoding.generate import greedy
+from reprolora.decoding.generate import engine_for, greedy
 from reprolora.models import base_model, families
 from reprolora.models.loading import load_model_and_tokenizer, toolchain
+from reprolora.models.reference import Decoder
 from reprolora.training import checkpoint, distributed, reference
 from reprolora.training.optim import AdamW
 from reprolora.training.step import collate, summed_loss, train_step
@@ -69,6 +71,12 @@ class Job:
     @property
     def causal_lm(self) -> Any:
         return self.peft_model.get_base_model()
+
+    @functools.cached_property
+    def reference_decoder(self) -> Decoder:
+        """Profile `reference`'s decoder over the model (reprolora.training.reference), built on first use and kept:
+        it holds the base weights' transposes and the rotary table, and the adapter's own LoRA tensors."""
+        return Decoder(self.peft_model)
 
     @property
     def total_steps(self) -> int:
@@ -254,9 +262,10 @@ def evaluate(job: Job) -> dict[str, float]:
 
 def golden_probes(job: Job) -> manifest.Probes:
     job.causal_lm.eval()
+    engine = engine_for(job.causal_lm, job.tokenizer)
     results = []
     for prompt in job.config.probes.prompts:
-        completion = greedy(job.causal_lm, job.tokenizer, prompt, job.config.probes.max_new_tokens)
+        completion = greedy(engine, prompt, job.config.probes.max_new_tokens)
         results.append(
             manifest.Probe(
                 prompt, completion.token_ids, completion.text, completion.finish_reason, completion.logits_sha256
