@@ -51,9 +51,9 @@ class Forward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.fused_qkv = layout.fused_qkv
-        self.embed, self.final_norm, self.head = (
-            module_at(model, path) for path in (layout.embed, layout.final_norm, layout.head)
-        )
+        self.embed, self.final_norm = module_at(model, layout.embed), module_at(model, layout.final_norm)
+        # transformers' own accessor: GPT-NeoX's head is `embed_out` in older transformers (4.56), `lm_head` later
+        self.head = model.get_output_embeddings()
         self.positions = module_at(model, layout.positions) if layout.positions else None
         self.rotary = module_at(model, layout.rotary) if layout.rotary else None
         self.layers = [

@@ -57,8 +57,7 @@ class DecoderLayout:
 
     embed: str
     layers: str
-    final_norm: str
-    head: str
+    final_norm: str  # the output head is the model's get_output_embeddings(): its name differs by version
     rotary: str | None  # the rotary embedding's module; None: no rotary embedding
     positions: str | None  # learned position embeddings added to the tokens' (GPT-2's); None: none
     norms: tuple[str, str]  # before the attention and before the MLP
@@ -111,7 +110,6 @@ def _llama_layout(windows: Callable[[Any, int], list[int | None]]) -> DecoderLay
         embed="model.embed_tokens",
         layers="model.layers",
         final_norm="model.norm",
-        head="lm_head",
         rotary="model.rotary_emb",
         positions=None,
         norms=("input_layernorm", "post_attention_layernorm"),
@@ -202,7 +200,6 @@ FAMILIES: dict[str, FamilySpec] = {
                 embed="transformer.wte",
                 layers="transformer.h",
                 final_norm="transformer.ln_f",
-                head="lm_head",
                 rotary=None,
                 positions="transformer.wpe",
                 norms=("ln_1", "ln_2"),
