@@ -252,7 +252,7 @@ MUTANTS = [
     ),
     Mutant(
         "stream-sends-text-a-longer-stop-may-cut",
-        [Edit("python/reprolora/serving/scheduler.py", "        if len(self.unsent) > self.hold:", "        if True:")],
+        [Edit("python/reprolora/serving/scheduler.py", "        if len(self.unsent) > hold:", "        if True:")],
         ["tests/test_stops.py::test_the_stream_holds_back_text_shorter_than_a_stop"],
     ),
     # Gap 3: infer under the adapter's own profile.

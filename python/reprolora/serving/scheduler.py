@@ -25,7 +25,6 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stops: list[str], send: Any) -> None:
         self.send = send
-        self.hold = max((len(s) - 1 for s in stops), default=0)  # the longest start of a stop string
         self.text = AnswerText(tokenizer, stops)
         self.sent: list[str] = []  # the deltas sent
         self.unsent = ""  # final text not sent yet: its last `hold` characters wait for what follows them
@@ -34,11 +33,9 @@ class TextStream:
         self.unsent += self.text.update(ids)
         if self.text.pending or self.text.has_stop:
             return  # wait: an incomplete character, or the answer ends here (finish sends the rest)
-        if len(self.unsent) > self.hold:
-            ready, self.unsent = (
-                self.unsent[: len(self.unsent) - self.hold],
-                self.unsent[len(self.unsent) - self.hold :],
-            )
+        hold = self.text.reach  # the longest start of a stop string
+        if len(self.unsent) > hold:
+            ready, self.unsent = self.unsent[: len(self.unsent) - hold], self.unsent[len(self.unsent) - hold :]
             self.send(ready)
             self.sent.append(ready)
 
